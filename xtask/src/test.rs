@@ -60,6 +60,14 @@ struct Report {
 }
 
 impl Report {
+    fn without_running(name: &'static str, status: Status) -> Report {
+        Report {
+            name,
+            status,
+            elapsed: Duration::ZERO,
+        }
+    }
+
     fn line(&self) -> String {
         let secs = self.elapsed.as_secs_f64();
         match &self.status {
@@ -143,37 +151,19 @@ pub fn run(sh: &Shell, root: &Path, options: Options) -> anyhow::Result<()> {
     let mut reports = Vec::with_capacity(stages.len());
     let mut failed: Option<&'static str> = None;
     for stage in &stages {
-        let status = if failed.is_some() {
-            Status::NotRun
+        let report = if failed.is_some() {
+            Report::without_running(stage.name, Status::NotRun)
         } else if options.quick && !stage.in_quick {
-            Status::SkippedQuick
+            Report::without_running(stage.name, Status::SkippedQuick)
         } else {
-            println!("==> stage {}", stage.name);
-            let started = Instant::now();
-            let result = (stage.action)();
-            let elapsed = started.elapsed();
-            let status = match result {
-                Ok(()) => Status::Ok,
-                Err(err) => {
-                    failed = Some(stage.name);
-                    // One line per stage: flatten the error chain.
-                    Status::Failed(format!("{err:#}").replace('\n', " "))
-                }
-            };
-            let report = Report {
-                name: stage.name,
-                status,
-                elapsed,
-            };
+            let report = run_stage(stage, &cargo);
             println!("{}", report.line());
-            reports.push(report);
-            continue;
+            if matches!(report.status, Status::Failed(_)) {
+                failed = Some(stage.name);
+            }
+            report
         };
-        reports.push(Report {
-            name: stage.name,
-            status,
-            elapsed: Duration::ZERO,
-        });
+        reports.push(report);
     }
 
     println!("\nsummary:");
@@ -185,4 +175,26 @@ pub fn run(sh: &Shell, root: &Path, options: Options) -> anyhow::Result<()> {
     }
     println!("all stages passed");
     Ok(())
+}
+
+/// Runs one stage with its output streaming to the terminal, and times it.
+fn run_stage(stage: &Stage<'_>, cargo: &str) -> Report {
+    println!("==> stage {}", stage.name);
+    let started = Instant::now();
+    let result = (stage.action)();
+    let elapsed = started.elapsed();
+    let status = match result {
+        Ok(()) => Status::Ok,
+        // One line per stage: flatten the error chain, and shorten the toolchain's cargo path.
+        Err(err) => Status::Failed(
+            format!("{err:#}")
+                .replace('\n', " ")
+                .replace(cargo, "cargo"),
+        ),
+    };
+    Report {
+        name: stage.name,
+        status,
+        elapsed,
+    }
 }
