@@ -1,2 +1,5 @@
 //! Test kit for jetsink: virtual time, a scripted sans-IO broker, proptest strategies, and (IO half)
 //! a real nats-server harness, a loopback fault proxy and a stream audit.
+
+pub mod proxy;
+pub use proxy::{Direction, FaultProxy, ProxyMode, ProxyStats};
