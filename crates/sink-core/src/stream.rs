@@ -381,6 +381,24 @@ impl fmt::Display for Violation {
 /// Checks `facts` against `req` and lists every violation (empty when the stream is fit), in a
 /// fixed order: subjects (one per uncaptured filter), max_age, retention, duplicate window,
 /// storage, sealed, acks, replicas, count/size limits.
+///
+/// ```
+/// use std::time::Duration;
+/// use sink_core::stream::{verify, StreamFacts, StreamRequirements};
+///
+/// let req = StreamRequirements::for_subject_filter("cellos.events.*.v1", Duration::from_millis(500));
+/// let mut facts = StreamFacts::recommended("CELLOS_EVENTS", vec!["cellos.events.>".into()]);
+/// assert!(verify(&facts, &req).is_empty());
+///
+/// facts.max_age = Duration::from_secs(30 * 86_400);
+/// let found = verify(&facts, &req);
+/// assert_eq!(found.len(), 1);
+/// assert_eq!(found[0].field(), "max_age");
+/// assert_eq!(
+///     found[0].to_string(),
+///     "stream CELLOS_EVENTS max_age is 30d; the retention floor requires >= 90d or 0 (unlimited)"
+/// );
+/// ```
 pub fn verify(facts: &StreamFacts, req: &StreamRequirements) -> Vec<Violation> {
     let stream = || facts.name.clone();
     let mut out = Vec::new();
