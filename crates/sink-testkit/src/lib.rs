@@ -3,3 +3,8 @@
 
 pub mod proxy;
 pub use proxy::{Direction, FaultProxy, ProxyMode, ProxyStats};
+pub mod audit;
+pub use audit::{
+    analyze, compare, compare_with, read_stream, AuditError, AuditReport, CompareOptions, Expected,
+    OrderViolation, StoredMessage, StreamSummary,
+};
