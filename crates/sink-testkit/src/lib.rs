@@ -8,3 +8,13 @@ pub use audit::{
     analyze, compare, compare_with, read_stream, AuditError, AuditReport, CompareOptions, Expected,
     OrderViolation, StoredMessage, StreamSummary,
 };
+pub mod broker;
+pub mod clock;
+pub mod sim;
+pub mod strategies;
+pub use broker::{
+    AppliedFault, BrokerConfig, Fault, FaultScript, PublishRequest, RandomFaults, Reply,
+    ScriptedBroker, StoredRecord,
+};
+pub use clock::FakeClock;
+pub use sim::{Outcome, PushedEvent, Sim, SimStats, Step};
