@@ -8,6 +8,11 @@ pub use audit::{
     analyze, compare, compare_with, read_stream, AuditError, AuditReport, CompareOptions, Expected,
     OrderViolation, StoredMessage, StreamSummary,
 };
+pub mod cluster;
+pub mod server;
+pub mod tls;
+pub use cluster::Cluster;
+pub use server::{HarnessError, NatsServer, ServerAuth, ServerOptions, ServerVersion};
 pub mod broker;
 pub mod clock;
 pub mod sim;
