@@ -6,7 +6,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use async_nats::jetstream;
 use sink_testkit::proxy::{Direction, FaultProxy, ProxyMode};
+use sink_testkit::{NatsServer, ServerOptions, ServerVersion};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::time::{timeout, Instant};
@@ -361,4 +363,182 @@ async fn drop_stops_listener_and_connections() {
     assert_eq!(ended, Some(Vec::new()));
     tokio::time::sleep(Duration::from_millis(50)).await;
     assert!(TcpStream::connect(addr).await.is_err());
+}
+
+/// A client connected to `server` through `proxy`, with its connection events on a channel.
+async fn nats_through(
+    server: &NatsServer,
+    proxy: &FaultProxy,
+) -> (
+    async_nats::Client,
+    tokio::sync::mpsc::UnboundedReceiver<async_nats::Event>,
+) {
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let client = server
+        .connect_options()
+        .reconnect_delay_callback(|_| Duration::from_millis(50))
+        .event_callback(move |event| {
+            let tx = tx.clone();
+            async move {
+                let _ = tx.send(event);
+            }
+        })
+        .connect(proxy.url())
+        .await
+        .expect("connect through the proxy");
+    (client, rx)
+}
+
+/// Waits for an event matching `want`; returns the events skipped on the way, or None on timeout.
+async fn wait_event(
+    rx: &mut tokio::sync::mpsc::UnboundedReceiver<async_nats::Event>,
+    within: Duration,
+    want: impl Fn(&async_nats::Event) -> bool,
+) -> Option<Vec<String>> {
+    let end = Instant::now() + within;
+    let mut skipped = Vec::new();
+    loop {
+        match tokio::time::timeout_at(end, rx.recv()).await {
+            Ok(Some(event)) if want(&event) => return Some(skipped),
+            Ok(Some(event)) => skipped.push(event.to_string()),
+            Ok(None) | Err(_) => return None,
+        }
+    }
+}
+
+async fn start_server(version: ServerVersion) -> (NatsServer, FaultProxy) {
+    let server = NatsServer::start(ServerOptions {
+        version,
+        ..Default::default()
+    })
+    .await
+    .expect("start nats-server");
+    let proxy = FaultProxy::start(format!("127.0.0.1:{}", server.port()))
+        .await
+        .expect("start proxy");
+    (server, proxy)
+}
+
+async fn blackhole_makes_jetstream_requests_time_out(version: ServerVersion) {
+    let (server, proxy) = start_server(version).await;
+    let (client, mut events) = nats_through(&server, &proxy).await;
+    let mut js = jetstream::new(client);
+    js.set_timeout(Duration::from_millis(800));
+    js.create_stream(jetstream::stream::Config {
+        name: "PX".to_owned(),
+        subjects: vec!["px.>".to_owned()],
+        ..Default::default()
+    })
+    .await
+    .expect("create stream through the proxy");
+    assert!(proxy.stats().bytes_down > 0);
+
+    proxy.set_mode(ProxyMode::Blackhole(Direction::Both));
+    let started = Instant::now();
+    let result = timeout(Duration::from_secs(5), js.get_stream("PX"))
+        .await
+        .expect("the JetStream request must fail on its own timeout, not hang");
+    assert!(result.is_err(), "request answered through a blackhole");
+    let waited = started.elapsed();
+    assert!(
+        waited >= Duration::from_millis(700),
+        "failed after {waited:?}"
+    );
+    // Silence, not a reset: the client does not notice a disconnect.
+    assert_eq!(proxy.connections(), 1);
+    assert!(
+        wait_event(&mut events, Duration::from_millis(200), |e| matches!(
+            e,
+            async_nats::Event::Disconnected
+        ))
+        .await
+        .is_none(),
+        "blackhole caused a disconnect"
+    );
+    assert!(proxy.stats().bytes_discarded > 0);
+
+    proxy.set_mode(ProxyMode::PassThrough);
+    let end = Instant::now() + Duration::from_secs(10);
+    loop {
+        match js.get_stream("PX").await {
+            Ok(_) => break,
+            Err(e) => assert!(Instant::now() < end, "no recovery after blackhole: {e}"),
+        }
+    }
+}
+
+#[tokio::test]
+async fn blackhole_makes_jetstream_requests_time_out_v2_9() {
+    blackhole_makes_jetstream_requests_time_out(ServerVersion::V2_9).await;
+}
+
+#[tokio::test]
+async fn blackhole_makes_jetstream_requests_time_out_v2_15() {
+    blackhole_makes_jetstream_requests_time_out(ServerVersion::V2_15).await;
+}
+
+async fn reset_makes_the_client_disconnect_and_reconnect(version: ServerVersion) {
+    let (server, proxy) = start_server(version).await;
+    let (client, mut events) = nats_through(&server, &proxy).await;
+    let js = jetstream::new(client.clone());
+    js.create_stream(jetstream::stream::Config {
+        name: "PX".to_owned(),
+        subjects: vec!["px.>".to_owned()],
+        ..Default::default()
+    })
+    .await
+    .expect("create stream through the proxy");
+
+    proxy.reset_all();
+    wait_event(&mut events, Duration::from_secs(5), |e| {
+        matches!(e, async_nats::Event::Disconnected)
+    })
+    .await
+    .expect("client did not see the reset");
+    wait_event(&mut events, Duration::from_secs(5), |e| {
+        matches!(e, async_nats::Event::Connected)
+    })
+    .await
+    .expect("client did not reconnect");
+    assert_eq!(proxy.stats().resets, 1);
+    assert_eq!(proxy.stats().accepted, 2);
+    js.get_stream("PX")
+        .await
+        .expect("JetStream works after reconnecting");
+
+    // While new connections are refused, a reset leaves the client disconnected.
+    proxy.set_mode(ProxyMode::RefuseNew);
+    proxy.reset_all();
+    wait_event(&mut events, Duration::from_secs(5), |e| {
+        matches!(e, async_nats::Event::Disconnected)
+    })
+    .await
+    .expect("client did not see the second reset");
+    eventually(Duration::from_secs(5), "reconnects refused", || {
+        proxy.stats().refused >= 2
+    })
+    .await;
+    assert_eq!(
+        client.connection_state(),
+        async_nats::connection::State::Disconnected
+    );
+    proxy.set_mode(ProxyMode::PassThrough);
+    wait_event(&mut events, Duration::from_secs(5), |e| {
+        matches!(e, async_nats::Event::Connected)
+    })
+    .await
+    .expect("client did not reconnect once connections were accepted again");
+    js.get_stream("PX")
+        .await
+        .expect("JetStream works after the refusal ends");
+}
+
+#[tokio::test]
+async fn reset_makes_the_client_disconnect_and_reconnect_v2_9() {
+    reset_makes_the_client_disconnect_and_reconnect(ServerVersion::V2_9).await;
+}
+
+#[tokio::test]
+async fn reset_makes_the_client_disconnect_and_reconnect_v2_15() {
+    reset_makes_the_client_disconnect_and_reconnect(ServerVersion::V2_15).await;
 }
