@@ -1,6 +1,95 @@
-//! jetsink's NATS JetStream adapter: the only crate with a clock, an executor and a socket.
+//! jetsink's NATS JetStream adapter: durable, ordered, exactly-once CloudEvent delivery.
 //!
-//! One driver task per sink runs the [`sink_core`] machines over async-nats and tokio. The public API
-//! is filled in by the sink-nats issue; until then this crate only re-exports the core.
+//! One driver task per sink runs the [`sink_core`] machines over async-nats and tokio; it is the
+//! only place with a clock, an executor and a socket. Every publish carries a deterministic
+//! `Nats-Msg-Id` (from the event's `source` + `id`), waits for its JetStream ack (pipelined within
+//! the window), and is retried with the same id until stored; `duplicate: true` counts as
+//! delivered. During an outage events stay queued (bounded); nothing is dropped silently.
+//!
+//! ```no_run
+//! use std::time::Duration;
+//! use sink_nats::{JetStreamSink, StreamPolicy};
+//! use sink_nats::sink_core::event::CloudEvent;
+//!
+//! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+//! let sink = JetStreamSink::builder("nats://127.0.0.1:4222")
+//!     .subject_template("cellos.events.{tenantId}.v1")
+//!     .stream("CELLOS_EVENTS")
+//!     .stream_policy(StreamPolicy::Create)
+//!     .connect()
+//!     .await?;
+//!
+//! let event = CloudEvent::new("evt-1", "/svc/billing", "com.example.invoice.paid")
+//!     .with_data_json(serde_json::json!({ "tenantId": "acme", "amount": 42 }));
+//! let receipt = sink.emit(&event).await?; // returns once the stream has stored it
+//! println!("stored in {} at sequence {}", receipt.stream, receipt.sequence);
+//!
+//! // Pipelined: `send` returns once queued; the handle resolves when stored.
+//! let pending = sink.send(event.clone()).await?;
+//! assert!(pending.await?.duplicate); // same source + id: stored once
+//!
+//! let report = sink.close(Duration::from_secs(10)).await;
+//! assert!(report.complete());
+//! # Ok(()) }
+//! ```
+//!
+//! Ordering modes, their guarantees and limits are described in [`sink_core::outbox`].
 
+mod classify;
+mod config;
+mod driver;
+mod error;
+mod facts;
+mod metrics;
+mod sink;
+mod subjects;
+
+/// The seed's `cellos_core::ports::EventSink`, implemented for [`JetStreamSink`].
+#[cfg(feature = "cellos")]
+pub mod cellos;
+
+pub use classify::{classify, classify_api_error, parse_wrong_last_id, Verdict};
+pub use config::{redact_url, Auth, OrderingKey, Secret, SinkConfig, StreamPolicy, Tls, WhenFull};
+pub use error::{EmitError, StartError};
+pub use facts::{facts_from_info, new_stream_config};
+pub use sink::{
+    BreakerStatus, CloseReport, EventSink, Health, JetStreamSink, Pending, Receipt, SinkBuilder,
+};
 pub use sink_core;
+pub use sink_core::encoding::Encoding;
+pub use sink_core::outbox::{BreakerOpenPolicy, OrderingMode};
+
+/// Connects a plain async-nats client with the sink's connection settings (auth, TLS, timeouts),
+/// for tools that need the JetStream API directly (the CLI's `stream` and `audit`).
+pub async fn connect_client(config: &SinkConfig) -> Result<async_nats::Client, StartError> {
+    let opts = driver::connect_options(config).await?;
+    let servers = config::redacted_servers(&config.servers);
+    let addrs: Vec<async_nats::ServerAddr> = config
+        .servers
+        .iter()
+        .map(|s| {
+            s.parse().map_err(|_| StartError::Config {
+                field: "servers",
+                problem: format!("`{}` is not a NATS URL", redact_url(s)),
+            })
+        })
+        .collect::<Result<_, _>>()?;
+    opts.connect(addrs).await.map_err(|e| {
+        if e.to_string().to_ascii_lowercase().contains("authoriz") {
+            StartError::Authorization { servers }
+        } else {
+            StartError::Connect {
+                servers,
+                reason: e.kind().to_string(),
+            }
+        }
+    })
+}
+
+/// The stream requirements a sink with this config verifies (for `jetsink stream verify`).
+pub fn stream_requirements(
+    config: &SinkConfig,
+) -> Result<sink_core::stream::StreamRequirements, StartError> {
+    let subjects = subjects::Subjects::new(config)?;
+    Ok(driver::requirements(config, &subjects))
+}

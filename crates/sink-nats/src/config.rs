@@ -1,0 +1,255 @@
+//! Sink configuration: the builder, connection options (auth, TLS), policies, and secret handling.
+
+use std::fmt;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use sink_core::backoff::{Backoff, RetrySchedule};
+use sink_core::encoding::Encoding;
+use sink_core::outbox::{BreakerOpenPolicy, OrderingMode};
+
+/// A secret string (token, password, nkey seed). Its `Debug` and `Display` never show the value.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    /// Wraps a secret.
+    pub fn new(value: impl Into<String>) -> Self {
+        Self(value.into())
+    }
+
+    /// The value, for handing to the client library only.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(***)")
+    }
+}
+
+impl fmt::Display for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("***")
+    }
+}
+
+/// How the sink authenticates.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum Auth {
+    /// No credentials (or credentials in the URL's userinfo).
+    #[default]
+    None,
+    /// A token.
+    Token(Secret),
+    /// User and password.
+    UserPassword {
+        /// The user name.
+        user: String,
+        /// The password.
+        password: Secret,
+    },
+    /// An nkey seed (`SU...`).
+    NkeySeed(Secret),
+    /// A `.creds` file (JWT + nkey seed).
+    CredsFile(PathBuf),
+}
+
+/// TLS settings.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Tls {
+    /// Require TLS even if the URL scheme does not say so.
+    pub required: bool,
+    /// PEM file with the CA(s) that signed the server certificate.
+    pub root_ca: Option<PathBuf>,
+    /// Client certificate and key (PEM) for mutual TLS.
+    pub client_cert: Option<(PathBuf, PathBuf)>,
+}
+
+/// What the sink does with its stream at start.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum StreamPolicy {
+    /// Do not look at the stream.
+    Off,
+    /// The stream must exist and meet the requirements (default).
+    #[default]
+    Verify,
+    /// Create the stream when missing (file storage, max_age 90 days, duplicate window 2 min);
+    /// verify it when present; never change an existing stream.
+    Create,
+}
+
+/// What `send`/`emit` do when the queue is full.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WhenFull {
+    /// Wait for room, at most this long, then fail with [`crate::EmitError::QueueFull`].
+    Block {
+        /// The longest wait.
+        deadline: Duration,
+    },
+    /// Fail at once with [`crate::EmitError::QueueFull`].
+    Reject,
+}
+
+impl Default for WhenFull {
+    fn default() -> Self {
+        WhenFull::Block {
+            deadline: Duration::from_secs(30),
+        }
+    }
+}
+
+/// Which events share an order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum OrderingKey {
+    /// All events of the sink (default).
+    #[default]
+    Sink,
+    /// Events of one tenant.
+    Tenant,
+    /// Events of one rendered subject.
+    Subject,
+}
+
+/// Everything a sink needs; build it with [`crate::SinkBuilder`].
+#[derive(Debug, Clone)]
+pub struct SinkConfig {
+    /// Server URLs (`nats://host:port`, `tls://...`). Credentials in a URL are treated as secrets.
+    pub servers: Vec<String>,
+    /// Client connection name.
+    pub name: String,
+    /// Subject template, e.g. `cellos.events.{tenantId}.v1`.
+    pub subject_template: String,
+    /// Token used for `{tenantId}` when an event carries none (`None`: such events are rejected).
+    pub default_tenant: Option<String>,
+    /// Longest accepted placeholder value (bytes).
+    pub max_token_len: usize,
+    /// Stream name.
+    pub stream: String,
+    /// Stream policy.
+    pub stream_policy: StreamPolicy,
+    /// The retention floor the stream must meet (`max_age` 0 or at least this).
+    pub retention_floor: Duration,
+    /// Ordering mechanism.
+    pub ordering: OrderingMode,
+    /// Ordering key.
+    pub ordering_key: OrderingKey,
+    /// Publishes in flight.
+    pub window: usize,
+    /// Queue bound in events.
+    pub max_events: usize,
+    /// Queue bound in bytes.
+    pub max_bytes: usize,
+    /// When the queue is full.
+    pub when_full: WhenFull,
+    /// While the breaker is open.
+    pub when_breaker_open: BreakerOpenPolicy,
+    /// Ack timeout per publish.
+    pub ack_timeout: Duration,
+    /// Per-publish retry delays.
+    pub retry: RetrySchedule,
+    /// Breaker open durations (and client reconnect delays).
+    pub reconnect: Backoff,
+    /// Wire encoding.
+    pub encoding: Encoding,
+    /// Keep trying when the first connect fails (events queue meanwhile) instead of failing `connect`.
+    pub retry_initial_connect: bool,
+    /// Authentication.
+    pub auth: Auth,
+    /// TLS.
+    pub tls: Tls,
+    /// Client ping interval: how fast a dead connection is noticed.
+    pub ping_interval: Duration,
+    /// Connect timeout per attempt.
+    pub connect_timeout: Duration,
+}
+
+impl Default for SinkConfig {
+    fn default() -> Self {
+        Self {
+            servers: vec!["nats://127.0.0.1:4222".into()],
+            name: "jetsink".into(),
+            subject_template: "cellos.events.{tenantId}.v1".into(),
+            default_tenant: None,
+            max_token_len: 64,
+            stream: "CELLOS_EVENTS".into(),
+            stream_policy: StreamPolicy::Verify,
+            retention_floor: Duration::from_secs(90 * 24 * 3600),
+            ordering: OrderingMode::Chained,
+            ordering_key: OrderingKey::Sink,
+            window: 256,
+            max_events: 100_000,
+            max_bytes: 64 * 1024 * 1024,
+            when_full: WhenFull::default(),
+            when_breaker_open: BreakerOpenPolicy::Queue,
+            ack_timeout: Duration::from_secs(5),
+            retry: RetrySchedule::default(),
+            reconnect: Backoff::reconnect_default(),
+            encoding: Encoding::Structured,
+            retry_initial_connect: false,
+            auth: Auth::None,
+            tls: Tls::default(),
+            ping_interval: Duration::from_secs(2),
+            connect_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+/// Replaces the userinfo of a URL (`nats://user:pass@host`) with `***`, for logs and errors.
+pub fn redact_url(url: &str) -> String {
+    let (scheme, rest) = match url.split_once("://") {
+        Some((s, r)) => (Some(s), r),
+        None => (None, url),
+    };
+    let host_part_end = rest.find('/').unwrap_or(rest.len());
+    let (authority, tail) = rest.split_at(host_part_end);
+    let authority = match authority.rsplit_once('@') {
+        Some((_, host)) => format!("***@{host}"),
+        None => authority.to_owned(),
+    };
+    match scheme {
+        Some(s) => format!("{s}://{authority}{tail}"),
+        None => format!("{authority}{tail}"),
+    }
+}
+
+/// Every server URL, redacted, comma-separated.
+pub fn redacted_servers(servers: &[String]) -> String {
+    servers
+        .iter()
+        .map(|s| redact_url(s))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls_lose_their_userinfo() {
+        for (url, want) in [
+            ("nats://u:hunter2@h:4222", "nats://***@h:4222"),
+            ("nats://tok3n@h:4222", "nats://***@h:4222"),
+            ("tls://a:b@c@h", "tls://***@h"),
+            ("nats://h:4222", "nats://h:4222"),
+            ("h:4222", "h:4222"),
+            ("u:p@h:4222", "***@h:4222"),
+        ] {
+            assert_eq!(redact_url(url), want, "{url}");
+        }
+    }
+
+    #[test]
+    fn secrets_do_not_print() {
+        let auth = Auth::UserPassword {
+            user: "svc".into(),
+            password: Secret::new("hunter2"),
+        };
+        let shown = format!("{auth:?} {}", Secret::new("hunter2"));
+        assert!(!shown.contains("hunter2"), "{shown}");
+        assert!(shown.contains("svc"));
+    }
+}

@@ -1,0 +1,772 @@
+//! The driver task: owns the client, the clock and the outbox; turns outbox commands into publishes
+//! and broker replies into outbox inputs.
+//!
+//! Publishes are core NATS publishes with a per-message reply subject under one wildcard inbox
+//! subscription (`<inbox>.<seq>.<attempt>`), so an ack costs one message on one subscription and no
+//! task per publish. The ack timeout is the outbox's, not the client's.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use async_nats::jetstream;
+use async_nats::{ConnectOptions, HeaderMap};
+use futures::StreamExt;
+use sink_core::breaker::{BreakerEvent, BreakerState};
+use sink_core::outbox::{Ack, Message, OrderingMode, Outbox, OutboxConfig, Output};
+use sink_core::stream::{verify, StreamFacts, StreamRequirements};
+use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit};
+
+use crate::classify::{classify, Verdict};
+use crate::config::{redacted_servers, Auth, SinkConfig, StreamPolicy};
+use crate::error::{EmitError, StartError};
+use crate::facts::{facts_from_info, new_stream_config};
+use crate::metrics as m;
+use crate::sink::{CloseReport, Receipt, Shared};
+use crate::subjects::Subjects;
+
+/// Queue admission held by an event until its outcome; dropping it makes room.
+#[derive(Debug)]
+#[allow(dead_code)] // held for their Drop, never read
+pub(crate) struct Permits {
+    pub event: OwnedSemaphorePermit,
+    pub bytes: OwnedSemaphorePermit,
+}
+
+pub(crate) enum Command {
+    Emit {
+        message: Message,
+        event_id: String,
+        permits: Permits,
+        reply: oneshot::Sender<Result<Receipt, EmitError>>,
+    },
+    Flush {
+        reply: oneshot::Sender<()>,
+    },
+    Close {
+        deadline: Instant,
+        reply: oneshot::Sender<CloseReport>,
+    },
+}
+
+/// What `start` hands to the driver.
+pub(crate) struct Started {
+    client: async_nats::Client,
+    events: mpsc::UnboundedReceiver<async_nats::Event>,
+    pub server_version: String,
+    pub max_payload: usize,
+    duplicate_window: Option<Duration>,
+}
+
+/// Builds the client options from the config (credentials go only to the client).
+pub(crate) async fn connect_options(config: &SinkConfig) -> Result<ConnectOptions, StartError> {
+    let mut opts = match &config.auth {
+        Auth::None => ConnectOptions::new(),
+        Auth::Token(t) => ConnectOptions::with_token(t.expose().to_owned()),
+        Auth::UserPassword { user, password } => {
+            ConnectOptions::with_user_and_password(user.clone(), password.expose().to_owned())
+        }
+        Auth::NkeySeed(seed) => ConnectOptions::with_nkey(seed.expose().to_owned()),
+        Auth::CredsFile(path) => ConnectOptions::with_credentials_file(path.clone())
+            .await
+            .map_err(|e| StartError::File {
+                what: "creds file",
+                path: path.display().to_string(),
+                reason: e.kind().to_string(),
+            })?,
+    };
+    if let Some(ca) = &config.tls.root_ca {
+        check_readable("TLS root CA", ca)?;
+        opts = opts.add_root_certificates(ca.clone()).require_tls(true);
+    }
+    if let Some((cert, key)) = &config.tls.client_cert {
+        check_readable("TLS client certificate", cert)?;
+        check_readable("TLS client key", key)?;
+        opts = opts
+            .add_client_certificate(cert.clone(), key.clone())
+            .require_tls(true);
+    }
+    if config.tls.required {
+        opts = opts.require_tls(true);
+    }
+    let backoff = config.reconnect.clone();
+    Ok(opts
+        .name(&config.name)
+        .ping_interval(config.ping_interval)
+        .connection_timeout(config.connect_timeout)
+        .request_timeout(Some(config.ack_timeout))
+        .reconnect_delay_callback(move |attempts| {
+            backoff.delay(u32::try_from(attempts.saturating_sub(1)).unwrap_or(u32::MAX))
+        }))
+}
+
+fn check_readable(what: &'static str, path: &std::path::Path) -> Result<(), StartError> {
+    std::fs::metadata(path)
+        .and_then(|m| {
+            if m.is_file() {
+                Ok(())
+            } else {
+                Err(std::io::Error::other("not a file"))
+            }
+        })
+        .map_err(|e| StartError::File {
+            what,
+            path: path.display().to_string(),
+            reason: e.to_string(),
+        })
+}
+
+/// Connects and checks the stream per policy.
+pub(crate) async fn start(config: &SinkConfig, subjects: &Subjects) -> Result<Started, StartError> {
+    validate(config)?;
+    let servers = redacted_servers(&config.servers);
+    let (ev_tx, ev_rx) = mpsc::unbounded_channel();
+    let mut opts = connect_options(config).await?.event_callback(move |e| {
+        let tx = ev_tx.clone();
+        async move {
+            let _ = tx.send(e);
+        }
+    });
+    if config.retry_initial_connect {
+        opts = opts.retry_on_initial_connect();
+    }
+    let addrs: Vec<async_nats::ServerAddr> = config
+        .servers
+        .iter()
+        .map(|s| {
+            s.parse().map_err(|_| StartError::Config {
+                field: "servers",
+                problem: format!(
+                    "`{}` is not a NATS URL; use nats://host:port or tls://host:port",
+                    crate::config::redact_url(s)
+                ),
+            })
+        })
+        .collect::<Result<_, _>>()?;
+    let client = opts.connect(addrs).await.map_err(|e| {
+        let text = e.to_string().to_ascii_lowercase();
+        if text.contains("authorization") || text.contains("authentication") {
+            StartError::Authorization {
+                servers: servers.clone(),
+            }
+        } else {
+            StartError::Connect {
+                servers: servers.clone(),
+                reason: scrub(&e.to_string(), config),
+            }
+        }
+    })?;
+    let info = client.server_info();
+    let mut duplicate_window = None;
+    if config.stream_policy != StreamPolicy::Off && !info.server_id.is_empty() {
+        duplicate_window = Some(check_stream(&client, config, subjects, &servers).await?);
+    }
+    Ok(Started {
+        server_version: info.version.clone(),
+        max_payload: if info.max_payload == 0 {
+            1024 * 1024
+        } else {
+            info.max_payload
+        },
+        client,
+        events: ev_rx,
+        duplicate_window,
+    })
+}
+
+fn validate(config: &SinkConfig) -> Result<(), StartError> {
+    let bad = |field, problem: &str| {
+        Err(StartError::Config {
+            field,
+            problem: problem.to_owned(),
+        })
+    };
+    if config.servers.is_empty() {
+        return bad(
+            "servers",
+            "no server URL given; pass e.g. nats://127.0.0.1:4222",
+        );
+    }
+    if config.stream.is_empty()
+        || config
+            .stream
+            .chars()
+            .any(|c| c.is_whitespace() || matches!(c, '.' | '*' | '>' | '/' | '\\'))
+    {
+        return bad(
+            "stream",
+            "stream name must be non-empty without whitespace, '.', '*', '>', '/' or '\\'",
+        );
+    }
+    outbox_config(config)
+        .validate()
+        .map_err(|e| StartError::Config {
+            field: "outbox",
+            problem: e.to_string(),
+        })?;
+    if config.max_bytes > u32::MAX as usize {
+        return bad("max_bytes", "at most 4 GiB");
+    }
+    config.reconnect.validate().map_err(|e| StartError::Config {
+        field: "reconnect",
+        problem: e.to_string(),
+    })
+}
+
+/// Removes anything credential-like the client library might echo.
+fn scrub(text: &str, config: &SinkConfig) -> String {
+    let mut out = text.to_owned();
+    let secrets: Vec<&str> = match &config.auth {
+        Auth::Token(t) => vec![t.expose()],
+        Auth::UserPassword { password, .. } => vec![password.expose()],
+        Auth::NkeySeed(s) => vec![s.expose()],
+        _ => vec![],
+    };
+    for s in secrets.into_iter().filter(|s| !s.is_empty()) {
+        out = out.replace(s, "***");
+    }
+    for url in &config.servers {
+        if let Some((_, rest)) = url.split_once("://") {
+            if let Some((userinfo, _)) = rest.split_once('@') {
+                if !userinfo.is_empty() {
+                    out = out.replace(userinfo, "***");
+                }
+            }
+        }
+    }
+    out
+}
+
+pub(crate) fn requirements(config: &SinkConfig, subjects: &Subjects) -> StreamRequirements {
+    let attempts = config.retry.len() as u32 + 1;
+    let retry_span = config.ack_timeout * attempts + config.retry.total();
+    let mut req = StreamRequirements::for_subject_filter(subjects.filter(), retry_span);
+    req.retention_floor = config.retention_floor;
+    req
+}
+
+/// Verifies (and with `Create`, creates) the stream; returns its duplicate window.
+async fn check_stream(
+    client: &async_nats::Client,
+    config: &SinkConfig,
+    subjects: &Subjects,
+    servers: &str,
+) -> Result<Duration, StartError> {
+    let js = jetstream::new(client.clone());
+    let api = |reason: String| StartError::StreamApi {
+        stream: config.stream.clone(),
+        reason,
+    };
+    let facts: StreamFacts = match js.get_stream(&config.stream).await {
+        Ok(mut stream) => {
+            let info = stream.info().await.map_err(|e| api(e.to_string()))?;
+            facts_from_info(info.clone())
+        }
+        Err(e) => {
+            let text = e.to_string();
+            if text.contains("not found") || text.contains("10059") {
+                if config.stream_policy != StreamPolicy::Create {
+                    return Err(StartError::StreamMissing {
+                        stream: config.stream.clone(),
+                    });
+                }
+                let created = js
+                    .create_stream(new_stream_config(&config.stream, vec![subjects.filter()]))
+                    .await
+                    .map_err(|e| api(format!("create failed: {e}")))?;
+                tracing::info!(stream = %config.stream, "created stream");
+                facts_from_info(created.cached_info().clone())
+            } else if text.contains("jetstream not enabled") || text.contains("no responders") {
+                return Err(StartError::JetStreamUnavailable {
+                    servers: servers.to_owned(),
+                    reason: text,
+                });
+            } else {
+                return Err(api(text));
+            }
+        }
+    };
+    let violations = verify(&facts, &requirements(config, subjects));
+    if !violations.is_empty() {
+        return Err(StartError::StreamViolations {
+            stream: config.stream.clone(),
+            violations,
+        });
+    }
+    Ok(facts.duplicate_window)
+}
+
+pub(crate) fn outbox_config(config: &SinkConfig) -> OutboxConfig {
+    OutboxConfig {
+        window: config.window,
+        max_events: config.max_events,
+        max_bytes: config.max_bytes,
+        ordering: config.ordering,
+        ack_timeout: config.ack_timeout,
+        retry: config.retry.clone(),
+        breaker: sink_core::breaker::BreakerConfig {
+            failures_to_open: 1,
+            reconnect: config.reconnect.clone(),
+        },
+        when_breaker_open: config.when_breaker_open,
+    }
+}
+
+struct Waiter {
+    event_id: String,
+    msg_id: sink_core::event::MsgId,
+    reply: oneshot::Sender<Result<Receipt, EmitError>>,
+    _permits: Permits,
+    first_sent: Option<Instant>,
+    span_warned: bool,
+}
+
+struct Driver {
+    config: SinkConfig,
+    client: async_nats::Client,
+    outbox: Outbox,
+    waiters: BTreeMap<u64, Waiter>,
+    flushes: Vec<(u64, oneshot::Sender<()>)>,
+    inbox: String,
+    shared: Arc<Shared>,
+    duplicate_window: Option<Duration>,
+    delivered: u64,
+    rejected: u64,
+    stream_recreate_at: Option<Instant>,
+}
+
+pub(crate) fn spawn(
+    config: SinkConfig,
+    started: Started,
+    commands: mpsc::UnboundedReceiver<Command>,
+    shared: Arc<Shared>,
+) {
+    let outbox = Outbox::new(outbox_config(&config)).expect("validated in start");
+    let inbox = started.client.new_inbox();
+    let driver = Driver {
+        config,
+        client: started.client,
+        outbox,
+        waiters: BTreeMap::new(),
+        flushes: Vec::new(),
+        inbox,
+        shared,
+        duplicate_window: started.duplicate_window,
+        delivered: 0,
+        rejected: 0,
+        stream_recreate_at: None,
+    };
+    tokio::spawn(driver.run(commands, started.events));
+}
+
+fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+impl Driver {
+    async fn run(
+        mut self,
+        mut commands: mpsc::UnboundedReceiver<Command>,
+        mut events: mpsc::UnboundedReceiver<async_nats::Event>,
+    ) {
+        let mut replies = loop {
+            match self.client.subscribe(format!("{}.>", self.inbox)).await {
+                Ok(s) => break s,
+                Err(e) => {
+                    self.shared.set_error(format!("reply subscription: {e}"));
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        };
+        let mut closing: Option<(Instant, oneshot::Sender<CloseReport>)> = None;
+        let mut commands_open = true;
+        loop {
+            let now = Instant::now();
+            while let Some(out) = self.outbox.poll_output(now) {
+                self.apply(out, now).await;
+            }
+            self.publish_state();
+            if let Some((deadline, _)) = &closing {
+                if self.outbox.is_empty() || Instant::now() >= *deadline {
+                    let (_, reply) = closing.take().expect("checked");
+                    let report = self.finish();
+                    let _ = reply.send(report);
+                    break;
+                }
+            }
+            let timeout = [
+                self.outbox.poll_timeout(),
+                closing.as_ref().map(|c| c.0),
+                self.stream_recreate_at,
+            ]
+            .into_iter()
+            .flatten()
+            .min();
+            tokio::select! {
+                biased;
+                msg = replies.next() => {
+                    let Some(msg) = msg else { break };
+                    self.on_reply(msg);
+                    // Drain what is already there without another trip through select.
+                    for _ in 0..1024 {
+                        match futures::FutureExt::now_or_never(replies.next()) {
+                            Some(Some(msg)) => self.on_reply(msg),
+                            _ => break,
+                        }
+                    }
+                }
+                cmd = commands.recv(), if commands_open => {
+                    match cmd {
+                        Some(cmd) => {
+                            self.on_command(cmd, &mut closing);
+                            for _ in 0..1024 {
+                                match commands.try_recv() {
+                                    Ok(cmd) => self.on_command(cmd, &mut closing),
+                                    Err(_) => break,
+                                }
+                            }
+                        }
+                        None => {
+                            commands_open = false;
+                            if closing.is_none() {
+                                // Every handle is gone: drain for as long as an ack timeout
+                                // cycle allows, then stop.
+                                let (tx, _rx) = oneshot::channel();
+                                closing = Some((Instant::now() + self.config.ack_timeout * 4, tx));
+                            }
+                        }
+                    }
+                }
+                ev = events.recv() => {
+                    if let Some(ev) = ev { self.on_event(ev) }
+                }
+                _ = sleep_until(timeout) => {
+                    let now = Instant::now();
+                    self.outbox.handle_timeout(now);
+                    if self.stream_recreate_at.is_some_and(|t| now >= t) {
+                        self.stream_recreate_at = None;
+                        self.recreate_stream().await;
+                    }
+                }
+            }
+        }
+    }
+
+    fn on_command(
+        &mut self,
+        cmd: Command,
+        closing: &mut Option<(Instant, oneshot::Sender<CloseReport>)>,
+    ) {
+        match cmd {
+            Command::Emit {
+                message,
+                event_id,
+                permits,
+                reply,
+            } => {
+                if closing.is_some() {
+                    let _ = reply.send(Err(EmitError::Closed));
+                    return;
+                }
+                let msg_id = message.msg_id.clone();
+                match self.outbox.push(message, unix_ms(), Instant::now()) {
+                    Ok(seq) => {
+                        self.waiters.insert(
+                            seq,
+                            Waiter {
+                                event_id,
+                                msg_id,
+                                reply,
+                                _permits: permits,
+                                first_sent: None,
+                                span_warned: false,
+                            },
+                        );
+                    }
+                    Err(refused) => {
+                        let err = match refused {
+                            sink_core::outbox::Refused::BreakerOpen => EmitError::BreakerOpen,
+                            _ => EmitError::QueueFull {
+                                max_events: self.config.max_events,
+                                max_bytes: self.config.max_bytes,
+                                waited: Duration::ZERO,
+                            },
+                        };
+                        let _ = reply.send(Err(err));
+                    }
+                }
+            }
+            Command::Flush { reply } => match self.waiters.keys().next_back() {
+                Some(&mark) => self.flushes.push((mark, reply)),
+                None => {
+                    let _ = reply.send(());
+                }
+            },
+            Command::Close { deadline, reply } => {
+                *closing = Some((deadline, reply));
+            }
+        }
+    }
+
+    async fn apply(&mut self, out: Output, now: Instant) {
+        match out {
+            Output::Transmit(t) => {
+                let Some(msg) = self.outbox.message(t.seq) else {
+                    return;
+                };
+                let mut headers = HeaderMap::new();
+                for (k, v) in &msg.headers {
+                    headers.insert(k.as_str(), v.as_str());
+                }
+                headers.insert("Nats-Msg-Id", msg.msg_id.as_str());
+                if let Some(last) = &t.expected_last_msg_id {
+                    headers.insert("Nats-Expected-Last-Msg-Id", last.as_str());
+                }
+                if self.config.stream_policy != StreamPolicy::Off {
+                    headers.insert("Nats-Expected-Stream", self.config.stream.as_str());
+                }
+                let subject = msg.subject.clone();
+                let body = msg.body.clone();
+                let reply = format!("{}.{}.{}", self.inbox, t.seq, t.attempt);
+                m::published(t.attempt > 1);
+                if let Some(w) = self.waiters.get_mut(&t.seq) {
+                    match w.first_sent {
+                        None => w.first_sent = Some(now),
+                        Some(first) => {
+                            if let Some(window) = self.duplicate_window {
+                                if now.duration_since(first) > window && !w.span_warned {
+                                    w.span_warned = true;
+                                    m::retry_beyond_window();
+                                    tracing::warn!(
+                                        ce.id = %w.event_id,
+                                        waited = ?now.duration_since(first),
+                                        ?window,
+                                        "retrying beyond the stream's duplicate window: \
+                                         a copy stored earlier would no longer be deduplicated"
+                                    );
+                                }
+                            }
+                        }
+                    }
+                }
+                if let Err(e) = self
+                    .client
+                    .publish_with_reply_and_headers(subject, reply, headers, body)
+                    .await
+                {
+                    self.shared.set_error(format!("publish: {e}"));
+                    self.outbox.handle_failure(
+                        t.seq,
+                        t.attempt,
+                        sink_core::outbox::Failure::Retryable {
+                            reason: format!("publish: {e}"),
+                        },
+                        Instant::now(),
+                    );
+                }
+            }
+            Output::Delivered { seq, ack } => {
+                self.delivered += 1;
+                m::acked(ack.duplicate);
+                if let Some(w) = self.waiters.remove(&seq) {
+                    tracing::debug!(ce.id = %w.event_id, seq = ack.sequence, duplicate = ack.duplicate, "delivered");
+                    let _ = w.reply.send(Ok(receipt(ack, w.msg_id)));
+                }
+                self.settle_flushes();
+            }
+            Output::Rejected { seq, rejection } => {
+                self.rejected += 1;
+                m::rejected();
+                if let Some(w) = self.waiters.remove(&seq) {
+                    tracing::warn!(ce.id = %w.event_id, %rejection, "rejected by the broker");
+                    let _ = w.reply.send(Err(EmitError::Rejected {
+                        event_id: w.event_id,
+                        rejection,
+                    }));
+                }
+                self.settle_flushes();
+            }
+            Output::Retrying {
+                seq,
+                retry,
+                delay,
+                reason,
+            } => {
+                m::retry();
+                tracing::debug!(seq, retry, ?delay, %reason, "retrying");
+                self.shared.set_error(reason);
+            }
+            Output::Breaker(event) => {
+                m::breaker(&event);
+                match event {
+                    BreakerEvent::Opened { attempt, .. } => {
+                        tracing::warn!(attempt, "breaker opened; events stay queued");
+                        if self.config.stream_policy == StreamPolicy::Create {
+                            self.stream_recreate_at = Some(now);
+                        }
+                    }
+                    BreakerEvent::HalfOpened => tracing::debug!("breaker half-open: probing"),
+                    BreakerEvent::Closed => tracing::info!("breaker closed"),
+                }
+            }
+            Output::OrderingFallback { to, reason } => {
+                tracing::warn!(%to, %reason, "ordering fallback");
+                self.shared.set_error(reason);
+            }
+        }
+    }
+
+    fn settle_flushes(&mut self) {
+        let lowest = self.waiters.keys().next().copied();
+        let mut i = 0;
+        while i < self.flushes.len() {
+            if lowest.is_none_or(|l| l > self.flushes[i].0) {
+                let (_, reply) = self.flushes.swap_remove(i);
+                let _ = reply.send(());
+            } else {
+                i += 1;
+            }
+        }
+    }
+
+    fn on_reply(&mut self, msg: async_nats::Message) {
+        let Some((seq, attempt)) = parse_reply_subject(&msg.subject, &self.inbox) else {
+            return;
+        };
+        let status = msg.status.map(|s| s.as_u16());
+        let verdict = classify(status, msg.description.as_deref(), &msg.payload);
+        let now = Instant::now();
+        match verdict {
+            Verdict::Ack(ack) => self.outbox.handle_ack(seq, ack, now),
+            Verdict::Fail(failure) => {
+                if let sink_core::outbox::Failure::Retryable { reason } = &failure {
+                    self.shared.set_error(reason.clone());
+                }
+                self.outbox.handle_failure(seq, attempt, failure, now);
+            }
+        }
+    }
+
+    fn on_event(&mut self, ev: async_nats::Event) {
+        match ev {
+            async_nats::Event::Disconnected => {
+                tracing::warn!("disconnected from the server; in-flight publishes will be re-sent");
+                self.shared.set_error("disconnected");
+                self.outbox.handle_connection_lost(Instant::now());
+            }
+            async_nats::Event::Connected => tracing::info!("connected"),
+            async_nats::Event::LameDuckMode => {
+                tracing::info!("server entered lame duck mode")
+            }
+            other => tracing::debug!(event = %other, "client event"),
+        }
+    }
+
+    async fn recreate_stream(&mut self) {
+        let js = jetstream::new(self.client.clone());
+        if js.get_stream(&self.config.stream).await.is_ok() {
+            return;
+        }
+        let subjects = match Subjects::new(&self.config) {
+            Ok(s) => s,
+            Err(_) => return,
+        };
+        match js
+            .create_stream(new_stream_config(
+                &self.config.stream,
+                vec![subjects.filter()],
+            ))
+            .await
+        {
+            Ok(_) => {
+                tracing::warn!(stream = %self.config.stream, "stream was missing; re-created it (policy Create)")
+            }
+            Err(e) => self.shared.set_error(format!("re-create stream: {e}")),
+        }
+    }
+
+    fn publish_state(&self) {
+        let s = &self.shared;
+        s.queued.store(self.outbox.len(), Ordering::Relaxed);
+        s.in_flight
+            .store(self.outbox.in_flight(), Ordering::Relaxed);
+        s.breaker.store(
+            match self.outbox.breaker() {
+                BreakerState::Closed { .. } => 0,
+                BreakerState::Open { .. } => 1,
+                BreakerState::HalfOpen { .. } => 2,
+            },
+            Ordering::Relaxed,
+        );
+        s.ordering.store(
+            match self.outbox.ordering() {
+                OrderingMode::Chained => 0,
+                OrderingMode::PerKeySerial => 1,
+                OrderingMode::Unordered => 2,
+            },
+            Ordering::Relaxed,
+        );
+        m::gauges(self.outbox.len(), self.outbox.in_flight());
+    }
+
+    fn finish(&mut self) -> CloseReport {
+        let abandoned = self.outbox.abandon();
+        let mut not_delivered = Vec::new();
+        for a in abandoned {
+            if let Some(w) = self.waiters.remove(&a.seq) {
+                let _ = w.reply.send(Err(EmitError::NotDelivered {
+                    event_id: w.event_id.clone(),
+                    transmitted: a.transmitted,
+                }));
+                not_delivered.push((w.event_id, a.message.msg_id, a.transmitted));
+            }
+        }
+        self.settle_flushes();
+        CloseReport {
+            delivered: self.delivered,
+            rejected: self.rejected,
+            not_delivered,
+        }
+    }
+}
+
+fn receipt(ack: Ack, msg_id: sink_core::event::MsgId) -> Receipt {
+    Receipt {
+        stream: ack.stream,
+        sequence: ack.sequence,
+        duplicate: ack.duplicate,
+        msg_id,
+    }
+}
+
+async fn sleep_until(t: Option<Instant>) {
+    match t {
+        Some(t) => tokio::time::sleep_until(tokio::time::Instant::from_std(t)).await,
+        None => std::future::pending().await,
+    }
+}
+
+fn parse_reply_subject(subject: &str, inbox: &str) -> Option<(u64, u32)> {
+    let rest = subject.strip_prefix(inbox)?.strip_prefix('.')?;
+    let (seq, attempt) = rest.split_once('.')?;
+    Some((seq.parse().ok()?, attempt.parse().ok()?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reply_subjects_round_trip() {
+        assert_eq!(
+            parse_reply_subject("_INBOX.ab.17.3", "_INBOX.ab"),
+            Some((17, 3))
+        );
+        assert_eq!(parse_reply_subject("_INBOX.ab.x.3", "_INBOX.ab"), None);
+        assert_eq!(parse_reply_subject("_INBOX.other.1.1", "_INBOX.ab"), None);
+    }
+}

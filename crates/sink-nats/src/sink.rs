@@ -1,0 +1,527 @@
+//! The public sink: builder, `emit` / `send` / `flush` / `close` / `health`, and the `EventSink` trait.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use sink_core::backoff::{Backoff, RetrySchedule};
+use sink_core::encoding::{self, Encoding};
+use sink_core::event::{CloudEvent, MsgId};
+use sink_core::outbox::{BreakerOpenPolicy, Message, OrderingMode};
+use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
+
+use crate::config::{Auth, OrderingKey, SinkConfig, StreamPolicy, Tls, WhenFull};
+use crate::driver::{self, Command, Permits};
+use crate::error::{EmitError, StartError};
+use crate::subjects::Subjects;
+
+/// Proof that an event is stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Receipt {
+    /// The stream that stored it.
+    pub stream: String,
+    /// Its stream sequence.
+    pub sequence: u64,
+    /// The broker had it already (a retry, or the same event emitted twice within the duplicate
+    /// window): it is stored once, at `sequence`.
+    pub duplicate: bool,
+    /// The `Nats-Msg-Id` it was stored under.
+    pub msg_id: MsgId,
+}
+
+/// The breaker's state as seen from outside.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BreakerStatus {
+    /// Publishing.
+    Closed,
+    /// Not publishing until the next probe.
+    Open,
+    /// Probing.
+    HalfOpen,
+}
+
+/// A snapshot of the sink.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Health {
+    /// Breaker state.
+    pub breaker: BreakerStatus,
+    /// Events accepted and not yet delivered or rejected.
+    pub queued: usize,
+    /// Publishes awaiting an ack.
+    pub in_flight: usize,
+    /// The last failure the driver saw, if any (no credentials).
+    pub last_error: Option<String>,
+    /// The server's version string at connect.
+    pub server_version: String,
+    /// The ordering mode in force (chained may have fallen back to per-key-serial).
+    pub ordering: OrderingMode,
+}
+
+/// What `close` could not deliver.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct CloseReport {
+    /// Events confirmed stored during the sink's life.
+    pub delivered: u64,
+    /// Events the broker rejected.
+    pub rejected: u64,
+    /// Events without confirmation when the deadline passed, in order: (CloudEvent id, message id,
+    /// transmitted at least once).
+    pub not_delivered: Vec<(String, MsgId, bool)>,
+}
+
+impl CloseReport {
+    /// Whether everything accepted was confirmed (or rejected with a reason).
+    pub fn complete(&self) -> bool {
+        self.not_delivered.is_empty()
+    }
+}
+
+pub(crate) struct Shared {
+    pub queued: AtomicUsize,
+    pub in_flight: AtomicUsize,
+    pub breaker: AtomicU8,
+    pub ordering: AtomicU8,
+    pub last_error: Mutex<Option<String>>,
+    pub server_version: String,
+}
+
+impl Shared {
+    pub(crate) fn set_error(&self, e: impl Into<String>) {
+        if let Ok(mut g) = self.last_error.lock() {
+            *g = Some(e.into());
+        }
+    }
+}
+
+/// A handle to one event's outcome; resolves to its [`Receipt`] once stored.
+#[derive(Debug)]
+pub struct Pending {
+    rx: oneshot::Receiver<Result<Receipt, EmitError>>,
+}
+
+impl Future for Pending {
+    type Output = Result<Receipt, EmitError>;
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        Pin::new(&mut self.rx)
+            .poll(cx)
+            .map(|r| r.unwrap_or(Err(EmitError::Closed)))
+    }
+}
+
+/// A durable, ordered CloudEvent sink into one JetStream stream.
+///
+/// Cheap to clone; all clones feed the same driver task. See the crate docs for an example.
+#[derive(Clone)]
+pub struct JetStreamSink {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    tx: mpsc::UnboundedSender<Command>,
+    shared: Arc<Shared>,
+    subjects: Subjects,
+    encoding: Encoding,
+    ordering_key: OrderingKey,
+    max_payload: usize,
+    events: Arc<Semaphore>,
+    bytes: Arc<Semaphore>,
+    max_events: usize,
+    max_bytes: usize,
+    when_full: WhenFull,
+    fail_fast: bool,
+}
+
+impl std::fmt::Debug for JetStreamSink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("JetStreamSink")
+            .field("health", &self.health())
+            .finish()
+    }
+}
+
+impl JetStreamSink {
+    /// A builder for `servers` (one URL or a comma-separated list).
+    pub fn builder(servers: impl Into<String>) -> SinkBuilder {
+        SinkBuilder::new(servers)
+    }
+
+    /// Sends one event and waits until it is stored (or definitely failed).
+    pub async fn emit(&self, event: &CloudEvent) -> Result<Receipt, EmitError> {
+        self.send(event.clone()).await?.await
+    }
+
+    /// Queues one event and returns once it is accepted; the returned [`Pending`] resolves when it
+    /// is stored. Waits for room only under [`WhenFull::Block`].
+    pub async fn send(&self, event: CloudEvent) -> Result<Pending, EmitError> {
+        let (message, event_id) = self.prepare(&event)?;
+        let permits = self.admit(message.size()).await?;
+        self.enqueue(message, event_id, permits)
+    }
+
+    /// Like [`send`](Self::send) but never waits: a full queue fails at once.
+    pub fn try_send(&self, event: CloudEvent) -> Result<Pending, EmitError> {
+        let (message, event_id) = self.prepare(&event)?;
+        let permits = self.try_admit(message.size(), Duration::ZERO)?;
+        self.enqueue(message, event_id, permits)
+    }
+
+    /// Waits until every event accepted before this call has an outcome.
+    pub async fn flush(&self) -> Result<(), EmitError> {
+        let (reply, rx) = oneshot::channel();
+        self.inner
+            .tx
+            .send(Command::Flush { reply })
+            .map_err(|_| EmitError::Closed)?;
+        rx.await.map_err(|_| EmitError::Closed)
+    }
+
+    /// Stops accepting events, waits up to `deadline` for the queue to drain, and reports exactly
+    /// which events were not confirmed.
+    pub async fn close(&self, deadline: Duration) -> CloseReport {
+        let (reply, rx) = oneshot::channel();
+        if self
+            .inner
+            .tx
+            .send(Command::Close {
+                deadline: Instant::now() + deadline,
+                reply,
+            })
+            .is_err()
+        {
+            return CloseReport::default();
+        }
+        rx.await.unwrap_or_default()
+    }
+
+    /// A snapshot of the sink's state.
+    pub fn health(&self) -> Health {
+        let s = &self.inner.shared;
+        Health {
+            breaker: match s.breaker.load(Ordering::Relaxed) {
+                1 => BreakerStatus::Open,
+                2 => BreakerStatus::HalfOpen,
+                _ => BreakerStatus::Closed,
+            },
+            queued: s.queued.load(Ordering::Relaxed),
+            in_flight: s.in_flight.load(Ordering::Relaxed),
+            last_error: s.last_error.lock().ok().and_then(|g| g.clone()),
+            server_version: s.server_version.clone(),
+            ordering: match s.ordering.load(Ordering::Relaxed) {
+                1 => OrderingMode::PerKeySerial,
+                2 => OrderingMode::Unordered,
+                _ => OrderingMode::Chained,
+            },
+        }
+    }
+
+    fn prepare(&self, event: &CloudEvent) -> Result<(Message, String), EmitError> {
+        event.validate()?;
+        let inner = &self.inner;
+        let subject = inner
+            .subjects
+            .render(event)
+            .map_err(|error| EmitError::Subject {
+                event_id: event.id.clone(),
+                error,
+            })?;
+        let wire = encoding::encode(event, inner.encoding).map_err(|error| EmitError::Encode {
+            event_id: event.id.clone(),
+            error,
+        })?;
+        let msg_id = MsgId::for_event(event);
+        let size = wire.body.len()
+            + wire
+                .headers
+                .iter()
+                .map(|(k, v)| k.len() + v.len() + 4)
+                .sum::<usize>()
+            + msg_id.as_str().len()
+            + 96; // the headers the driver adds (msg id, expected last id, stream) and framing
+        if size > inner.max_payload {
+            return Err(EmitError::TooLarge {
+                event_id: event.id.clone(),
+                size,
+                max_payload: inner.max_payload,
+            });
+        }
+        let key = match inner.ordering_key {
+            OrderingKey::Sink => String::new(),
+            OrderingKey::Tenant => event.tenant_id().unwrap_or_default().to_owned(),
+            OrderingKey::Subject => subject.clone(),
+        };
+        Ok((
+            Message {
+                subject,
+                msg_id,
+                headers: wire.headers,
+                body: wire.body,
+                key,
+            },
+            event.id.clone(),
+        ))
+    }
+
+    async fn admit(&self, size: usize) -> Result<Permits, EmitError> {
+        let inner = &self.inner;
+        let deadline = match inner.when_full {
+            WhenFull::Reject => return self.try_admit(size, Duration::ZERO),
+            WhenFull::Block { deadline } => deadline,
+        };
+        if inner.fail_fast && inner.shared.breaker.load(Ordering::Relaxed) == 1 {
+            return Err(EmitError::BreakerOpen);
+        }
+        let started = Instant::now();
+        let full = || EmitError::QueueFull {
+            max_events: inner.max_events,
+            max_bytes: inner.max_bytes,
+            waited: started.elapsed(),
+        };
+        let acquire = async {
+            let event = inner.events.clone().acquire_owned().await;
+            let bytes = inner
+                .bytes
+                .clone()
+                .acquire_many_owned(permit_count(size))
+                .await;
+            match (event, bytes) {
+                (Ok(event), Ok(bytes)) => Ok(Permits { event, bytes }),
+                _ => Err(EmitError::Closed),
+            }
+        };
+        match tokio::time::timeout(deadline, acquire).await {
+            Ok(r) => r,
+            Err(_) => Err(full()),
+        }
+    }
+
+    fn try_admit(&self, size: usize, waited: Duration) -> Result<Permits, EmitError> {
+        let inner = &self.inner;
+        if inner.fail_fast && inner.shared.breaker.load(Ordering::Relaxed) == 1 {
+            return Err(EmitError::BreakerOpen);
+        }
+        let full = EmitError::QueueFull {
+            max_events: inner.max_events,
+            max_bytes: inner.max_bytes,
+            waited,
+        };
+        let event: OwnedSemaphorePermit = inner
+            .events
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| full.clone())?;
+        let bytes = inner
+            .bytes
+            .clone()
+            .try_acquire_many_owned(permit_count(size))
+            .map_err(|_| full)?;
+        Ok(Permits { event, bytes })
+    }
+
+    fn enqueue(
+        &self,
+        message: Message,
+        event_id: String,
+        permits: Permits,
+    ) -> Result<Pending, EmitError> {
+        let (reply, rx) = oneshot::channel();
+        self.inner
+            .tx
+            .send(Command::Emit {
+                message,
+                event_id,
+                permits,
+                reply,
+            })
+            .map_err(|_| EmitError::Closed)?;
+        Ok(Pending { rx })
+    }
+}
+
+fn permit_count(size: usize) -> u32 {
+    u32::try_from(size).unwrap_or(u32::MAX)
+}
+
+/// An async sink of CloudEvents, so services can swap implementations (a test double, another
+/// broker).
+pub trait EventSink: Send + Sync {
+    /// Delivers one event durably; resolves once it is stored.
+    fn emit(&self, event: &CloudEvent) -> impl Future<Output = Result<Receipt, EmitError>> + Send;
+}
+
+impl EventSink for JetStreamSink {
+    fn emit(&self, event: &CloudEvent) -> impl Future<Output = Result<Receipt, EmitError>> + Send {
+        JetStreamSink::emit(self, event)
+    }
+}
+
+/// Builds a [`JetStreamSink`]; every setting has a documented default (see [`SinkConfig`]).
+#[derive(Debug, Clone)]
+pub struct SinkBuilder {
+    config: SinkConfig,
+}
+
+impl SinkBuilder {
+    /// Starts from the defaults with these servers (comma-separated list allowed).
+    pub fn new(servers: impl Into<String>) -> Self {
+        let servers: String = servers.into();
+        Self {
+            config: SinkConfig {
+                servers: servers
+                    .split(',')
+                    .map(|s| s.trim().to_owned())
+                    .filter(|s| !s.is_empty())
+                    .collect(),
+                ..SinkConfig::default()
+            },
+        }
+    }
+
+    /// Starts from a full config.
+    pub fn from_config(config: SinkConfig) -> Self {
+        Self { config }
+    }
+
+    /// The config as built so far.
+    pub fn config(&self) -> &SinkConfig {
+        &self.config
+    }
+
+    /// Subject template (default `cellos.events.{tenantId}.v1`).
+    pub fn subject_template(mut self, template: impl Into<String>) -> Self {
+        self.config.subject_template = template.into();
+        self
+    }
+    /// Token for `{tenantId}` when an event has none.
+    pub fn default_tenant(mut self, tenant: impl Into<String>) -> Self {
+        self.config.default_tenant = Some(tenant.into());
+        self
+    }
+    /// Stream name (default `CELLOS_EVENTS`).
+    pub fn stream(mut self, name: impl Into<String>) -> Self {
+        self.config.stream = name.into();
+        self
+    }
+    /// Stream policy (default Verify).
+    pub fn stream_policy(mut self, policy: StreamPolicy) -> Self {
+        self.config.stream_policy = policy;
+        self
+    }
+    /// Retention floor (default 90 days).
+    pub fn retention_floor(mut self, floor: Duration) -> Self {
+        self.config.retention_floor = floor;
+        self
+    }
+    /// Ordering mode (default chained).
+    pub fn ordering(mut self, mode: OrderingMode) -> Self {
+        self.config.ordering = mode;
+        self
+    }
+    /// Ordering key (default: the whole sink).
+    pub fn ordering_key(mut self, key: OrderingKey) -> Self {
+        self.config.ordering_key = key;
+        self
+    }
+    /// Publishes in flight (default 256).
+    pub fn window(mut self, window: usize) -> Self {
+        self.config.window = window;
+        self
+    }
+    /// Queue bounds (default 100 000 events, 64 MiB).
+    pub fn queue_bound(mut self, max_events: usize, max_bytes: usize) -> Self {
+        self.config.max_events = max_events;
+        self.config.max_bytes = max_bytes;
+        self
+    }
+    /// When-full policy (default: block up to 30 s).
+    pub fn when_full(mut self, policy: WhenFull) -> Self {
+        self.config.when_full = policy;
+        self
+    }
+    /// Breaker-open policy (default: queue).
+    pub fn when_breaker_open(mut self, policy: BreakerOpenPolicy) -> Self {
+        self.config.when_breaker_open = policy;
+        self
+    }
+    /// Ack timeout (default 5 s).
+    pub fn ack_timeout(mut self, timeout: Duration) -> Self {
+        self.config.ack_timeout = timeout;
+        self
+    }
+    /// Per-publish retry delays (default 100 ms, 400 ms).
+    pub fn retry(mut self, schedule: RetrySchedule) -> Self {
+        self.config.retry = schedule;
+        self
+    }
+    /// Breaker/reconnect backoff (default 100 ms * 2^n capped at 180 s).
+    pub fn reconnect(mut self, backoff: Backoff) -> Self {
+        self.config.reconnect = backoff;
+        self
+    }
+    /// Wire encoding (default structured).
+    pub fn encoding(mut self, encoding: Encoding) -> Self {
+        self.config.encoding = encoding;
+        self
+    }
+    /// Keep retrying the first connect in the background instead of failing.
+    pub fn retry_initial_connect(mut self, on: bool) -> Self {
+        self.config.retry_initial_connect = on;
+        self
+    }
+    /// Authentication.
+    pub fn auth(mut self, auth: Auth) -> Self {
+        self.config.auth = auth;
+        self
+    }
+    /// TLS.
+    pub fn tls(mut self, tls: Tls) -> Self {
+        self.config.tls = tls;
+        self
+    }
+    /// Client ping interval (default 2 s).
+    pub fn ping_interval(mut self, interval: Duration) -> Self {
+        self.config.ping_interval = interval;
+        self
+    }
+    /// Client connection name.
+    pub fn name(mut self, name: impl Into<String>) -> Self {
+        self.config.name = name.into();
+        self
+    }
+
+    /// Connects, checks the stream per policy, and starts the driver task.
+    pub async fn connect(self) -> Result<JetStreamSink, StartError> {
+        let config = self.config;
+        let subjects = Subjects::new(&config)?;
+        let started = driver::start(&config, &subjects).await?;
+        let shared = Arc::new(Shared {
+            queued: AtomicUsize::new(0),
+            in_flight: AtomicUsize::new(0),
+            breaker: AtomicU8::new(0),
+            ordering: AtomicU8::new(0),
+            last_error: Mutex::new(None),
+            server_version: started.server_version.clone(),
+        });
+        let (tx, rx) = mpsc::unbounded_channel();
+        let max_payload = started.max_payload;
+        driver::spawn(config.clone(), started, rx, shared.clone());
+        Ok(JetStreamSink {
+            inner: Arc::new(Inner {
+                tx,
+                shared,
+                subjects,
+                encoding: config.encoding,
+                ordering_key: config.ordering_key,
+                max_payload,
+                events: Arc::new(Semaphore::new(config.max_events)),
+                bytes: Arc::new(Semaphore::new(config.max_bytes)),
+                max_events: config.max_events,
+                max_bytes: config.max_bytes,
+                when_full: config.when_full,
+                fail_fast: config.when_breaker_open == BreakerOpenPolicy::FailFast,
+            }),
+        })
+    }
+}

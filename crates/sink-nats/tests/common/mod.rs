@@ -1,0 +1,90 @@
+//! Shared helpers for sink-nats integration tests: servers, sinks, events, audits.
+#![allow(dead_code)] // each test binary uses a different subset
+
+use std::time::Duration;
+
+use sink_core::event::{CloudEvent, MsgId};
+use sink_nats::{JetStreamSink, Receipt, SinkBuilder, StreamPolicy};
+use sink_testkit::{read_stream, AuditReport, Expected, NatsServer, ServerOptions, ServerVersion};
+
+pub const STREAM: &str = "EVENTS";
+pub const TEMPLATE: &str = "t.events.{tenantId}.v1";
+
+pub async fn server(version: ServerVersion) -> NatsServer {
+    NatsServer::start(ServerOptions::version(version))
+        .await
+        .unwrap_or_else(|e| panic!("cannot start nats-server {version}: {e}"))
+}
+
+/// A builder for a sink on `url` that creates its stream, with short timeouts for tests.
+pub fn builder(url: &str) -> SinkBuilder {
+    JetStreamSink::builder(url)
+        .subject_template(TEMPLATE)
+        .stream(STREAM)
+        .stream_policy(StreamPolicy::Create)
+        .ack_timeout(Duration::from_secs(2))
+        .ping_interval(Duration::from_millis(500))
+}
+
+/// Event `i` of a run: ~430 bytes, tenant `tenant-{i % tenants}`.
+pub fn event(run: &str, i: usize, tenants: usize) -> CloudEvent {
+    CloudEvent::new(
+        format!("{run}-{i:08}"),
+        format!("/test/{run}"),
+        "com.example.test.v1",
+    )
+    .with_time("2026-11-27T06:00:00Z")
+    .with_data_json(serde_json::json!({
+        "tenantId": format!("tenant-{}", i % tenants.max(1)),
+        "index": i,
+        "note": "x".repeat(220),
+    }))
+}
+
+/// What the sink reported for each event, in send order.
+pub struct Sent {
+    pub event: CloudEvent,
+    pub outcome: Result<Receipt, sink_nats::EmitError>,
+}
+
+pub fn expectations(sent: &[Sent], key_by_tenant: bool) -> Vec<Expected> {
+    sent.iter()
+        .map(|s| Expected {
+            msg_id: MsgId::for_event(&s.event).as_str().to_owned(),
+            key: if key_by_tenant {
+                s.event.tenant_id().unwrap_or_default().to_owned()
+            } else {
+                String::new()
+            },
+            reported_sequence: s.outcome.as_ref().ok().map(|r| r.sequence),
+        })
+        .collect()
+}
+
+/// Reads the stream back and compares it with what the sink reported.
+pub async fn audit(url: &str, sent: &[Sent]) -> AuditReport {
+    let client = async_nats::connect(url).await.expect("audit connect");
+    let js = async_nats::jetstream::new(client);
+    let stored = read_stream(&js, STREAM, Duration::from_secs(30))
+        .await
+        .expect("read stream back");
+    sink_testkit::compare(&expectations(sent, false), &stored)
+}
+
+/// Sends `n` events pipelined and collects every outcome.
+pub async fn send_all(sink: &JetStreamSink, run: &str, n: usize, tenants: usize) -> Vec<Sent> {
+    let mut pending = Vec::with_capacity(n);
+    for i in 0..n {
+        let e = event(run, i, tenants);
+        let p = sink.send(e.clone()).await.expect("accepted");
+        pending.push((e, p));
+    }
+    let mut sent = Vec::with_capacity(n);
+    for (event, p) in pending {
+        let outcome = tokio::time::timeout(Duration::from_secs(120), p)
+            .await
+            .expect("I5: every outcome arrives within 120 s");
+        sent.push(Sent { event, outcome });
+    }
+    sent
+}
