@@ -582,14 +582,25 @@ impl Outbox {
 
     /// The connection dropped: every in-flight publish is in doubt. One failure episode.
     pub fn handle_connection_lost(&mut self, now: Instant) {
-        let first = self
+        let Some(first) = self
             .entries
             .iter()
-            .find(|e| matches!(e.state, EntryState::InFlight { .. }))
-            .map(|e| e.seq);
-        if let Some(seq) = first {
-            self.fail(seq, "connection lost".into(), now);
+            .position(|e| matches!(e.state, EntryState::InFlight { .. }))
+        else {
+            return;
+        };
+        // Every in-flight reply went with the connection, in every mode. `fail` rewinds only the
+        // failed event outside chained mode; the others would each wait out the ack timeout and
+        // start an episode of their own, so one loss could exhaust the retries and open the breaker.
+        for i in first..self.entries.len() {
+            if let EntryState::InFlight { .. } = self.entries[i].state {
+                self.release_flight(i);
+                self.entries[i].state = EntryState::Pending;
+            }
         }
+        self.cursor = self.cursor.min(first);
+        let seq = self.entries[first].seq;
+        self.fail(seq, "connection lost".into(), now);
     }
 
     /// Gives up on everything held (for a close whose deadline passed): hands back every event that

@@ -71,7 +71,7 @@ pub enum Step {
     Progress,
     /// Nothing was due; the clock moved to the next deadline.
     Advanced,
-    /// Nothing is due and nothing is scheduled.
+    /// Nothing is due and nothing is scheduled (the clock did not move).
     Idle,
     /// The limit was reached before the next deadline (the clock is now at the limit).
     Limit,
@@ -261,11 +261,7 @@ impl Sim {
             .flatten()
             .min();
         match (next, limit) {
-            (None, None) => Step::Idle,
-            (None, Some(limit)) => {
-                self.clock.advance_to(limit);
-                Step::Limit
-            }
+            (None, _) => Step::Idle,
             (Some(next), Some(limit)) if next > limit => {
                 self.clock.advance_to(limit);
                 Step::Limit
@@ -327,14 +323,16 @@ impl Sim {
                 }
                 Step::Advanced => at_instant = 0,
                 Step::Idle => return Ok(()),
-                Step::Limit => return Err(format!(
+                Step::Limit => {
+                    return Err(format!(
                     "I5: not idle after {max_virtual:?} of virtual time: {} held, {} in flight, \
                          {} without outcome, breaker {:?}",
                     self.outbox.len(),
                     self.outbox.in_flight(),
                     self.pushed.len() - self.outcomes.len(),
                     self.outbox.breaker()
-                )),
+                ))
+                }
             }
         }
     }

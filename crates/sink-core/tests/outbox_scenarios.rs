@@ -1,0 +1,363 @@
+//! Outbox scenarios on virtual time: one behaviour per test, driven through the testkit's Sim and scripted broker.
+
+use std::time::Duration;
+
+use sink_core::backoff::RetrySchedule;
+use sink_core::breaker::BreakerState;
+use sink_core::outbox::{BreakerOpenPolicy, OrderingMode, OutboxConfig, Refused, Rejection};
+use sink_testkit::{BrokerConfig, Fault, FaultScript, Outcome, ScriptedBroker, Sim};
+
+const IDLE: Duration = Duration::from_secs(600);
+
+fn config(ordering: OrderingMode, window: usize) -> OutboxConfig {
+    OutboxConfig {
+        window,
+        max_events: 64,
+        max_bytes: 64 * 1024,
+        ordering,
+        ack_timeout: Duration::from_secs(1),
+        ..OutboxConfig::default()
+    }
+}
+
+fn sim(config: OutboxConfig, script: FaultScript) -> Sim {
+    Sim::new(config, ScriptedBroker::new(BrokerConfig::default(), script))
+        .expect("valid outbox config")
+}
+
+fn push_n(sim: &mut Sim, keys: &[&str]) {
+    for key in keys {
+        sim.push(key, 10).expect("room in the outbox");
+    }
+}
+
+fn stored_ids(sim: &Sim) -> Vec<String> {
+    sim.broker()
+        .stored()
+        .iter()
+        .map(|r| r.msg_id.as_str().to_owned())
+        .collect()
+}
+
+fn delivered(sim: &Sim, seq: u64) -> (u64, bool) {
+    match sim.outcomes().get(&seq) {
+        Some(Outcome::Delivered(ack)) => (ack.sequence, ack.duplicate),
+        other => panic!("#{seq} not delivered: {other:?}"),
+    }
+}
+
+/// Lets the scripted faults play out, then stops them and checks I1-I5.
+fn finish(sim: &mut Sim) {
+    if let Err(e) = sim.run_until_idle(IDLE).and_then(|()| sim.finish(IDLE)) {
+        panic!("{e}\ntrace:\n{}", sim.trace_text());
+    }
+}
+
+#[test]
+fn lost_publish_blocks_successors_until_resent() {
+    let mut sim = sim(
+        config(OrderingMode::Chained, 4),
+        FaultScript::none().at(0, Fault::DropRequest),
+    );
+    push_n(&mut sim, &["a", "a", "b"]);
+    sim.run_for(Duration::from_millis(999));
+    assert_eq!(
+        stored_ids(&sim),
+        Vec::<String>::new(),
+        "nothing may overtake the lost #1"
+    );
+    finish(&mut sim);
+    assert_eq!(stored_ids(&sim), ["m1", "m2", "m3"]);
+    insta::assert_snapshot!(sim.trace_text(), @r"
+    +0.000s push #1 m1 key=a
+    +0.000s push #2 m2 key=a
+    +0.000s push #3 m3 key=b
+    +0.000s transmit #1 m1 attempt 1 expect -
+    +0.000s transmit #2 m2 attempt 1 expect m1
+    +0.000s transmit #3 m3 attempt 1 expect m2
+    +0.001s error #2 attempt 1: 10070 wrong last msg ID: 
+    +0.001s error #3 attempt 1: 10070 wrong last msg ID: 
+    +1.000s retrying from #1 (retry 1) in 100ms: no ack within the ack timeout (ambiguous)
+    +1.100s transmit #1 m1 attempt 2 expect -
+    +1.100s transmit #2 m2 attempt 2 expect m1
+    +1.100s transmit #3 m3 attempt 2 expect m2
+    +1.101s ack #1 attempt 2: seq 1
+    +1.101s delivered #1 as 1
+    +1.101s ack #2 attempt 2: seq 2
+    +1.101s delivered #2 as 2
+    +1.101s ack #3 attempt 2: seq 3
+    +1.101s delivered #3 as 3
+    ");
+}
+
+#[test]
+fn ack_lost_but_stored_is_reported_delivered_with_original_sequence() {
+    let mut sim = sim(
+        config(OrderingMode::Chained, 4),
+        FaultScript::none().at(0, Fault::LoseAck),
+    );
+    push_n(&mut sim, &["a"]);
+    finish(&mut sim);
+    assert_eq!(stored_ids(&sim), ["m1"]);
+    assert_eq!(delivered(&sim, 1), (1, true));
+    assert_eq!(sim.stats().transmits, 2);
+}
+
+#[test]
+fn duplicate_ack_gives_one_outcome() {
+    let mut sim = sim(
+        config(OrderingMode::Chained, 4),
+        FaultScript::none().at(0, Fault::DuplicateAck),
+    );
+    push_n(&mut sim, &["a", "a"]);
+    finish(&mut sim);
+    let acks_of_1 = sim.trace().iter().filter(|l| l.contains("ack #1 ")).count();
+    assert_eq!(acks_of_1, 2, "the broker did answer twice");
+    assert_eq!(sim.outcomes().len(), 2);
+    assert_eq!(delivered(&sim, 1), (1, false));
+    assert_eq!(delivered(&sim, 2), (2, false));
+}
+
+#[test]
+fn terminal_error_fails_one_event_and_relinks_the_chain() {
+    let mut sim = sim(
+        config(OrderingMode::Chained, 4),
+        FaultScript::none().at(1, Fault::Terminal { code: 10077 }),
+    );
+    push_n(&mut sim, &["a", "a", "a"]);
+    finish(&mut sim);
+    assert_eq!(
+        sim.outcomes().get(&2),
+        Some(&Outcome::Rejected(Rejection {
+            code: Some(10077),
+            reason: "message m2 rejected by the stream".into()
+        }))
+    );
+    assert_eq!(stored_ids(&sim), ["m1", "m3"]);
+    assert_eq!(delivered(&sim, 3), (2, false));
+    assert_eq!(
+        sim.stats().retrying,
+        0,
+        "a terminal error is no failure episode"
+    );
+    assert_eq!(sim.stats().breaker_events, 0);
+    assert_eq!(sim.outbox().breaker(), BreakerState::Closed { failures: 0 });
+}
+
+#[test]
+fn breaker_opens_after_retries_and_probes_single_flight() {
+    let mut sim = sim(
+        config(OrderingMode::Chained, 4),
+        FaultScript::none().at(0, Fault::StreamMissing(Duration::from_secs(3))),
+    );
+    push_n(&mut sim, &["a", "b", "a", "b"]);
+    finish(&mut sim);
+    assert_eq!(stored_ids(&sim), ["m1", "m2", "m3", "m4"]);
+    // Between HalfOpened and the next breaker change exactly one transmission goes out: the probe.
+    let mut half_open = false;
+    let mut sent = 0;
+    let mut windows = Vec::new();
+    for line in sim.trace() {
+        if line.contains("breaker") {
+            if half_open {
+                windows.push(sent);
+            }
+            half_open = line.contains("HalfOpened");
+            sent = 0;
+        } else if half_open && line.contains(" transmit ") {
+            assert!(line.ends_with("(probe)"), "{line}");
+            sent += 1;
+        }
+    }
+    assert!(windows.len() >= 3, "several probes: {windows:?}");
+    assert!(windows.iter().all(|&n| n == 1), "{windows:?}");
+    assert_eq!(sim.stats().probes, windows.len() as u64);
+    assert_eq!(sim.outbox().breaker(), BreakerState::Closed { failures: 0 });
+}
+
+#[test]
+fn queue_full_refuses_with_typed_error() {
+    let mut cfg = config(OrderingMode::Chained, 2);
+    cfg.max_events = 3;
+    cfg.max_bytes = 100;
+    let mut sim = sim(cfg, FaultScript::none());
+    push_n(&mut sim, &["a", "a", "a"]);
+    let bytes = sim.outbox().bytes();
+    assert_eq!(
+        sim.push("a", 10),
+        Err(Refused::QueueFull {
+            events: 3,
+            bytes,
+            max_events: 3,
+            max_bytes: 100
+        })
+    );
+    assert_eq!(
+        sim.push("a", 200),
+        Err(Refused::TooLarge {
+            size: 200 + "events.a".len() + "m5".len() + "a".len(),
+            max_bytes: 100
+        })
+    );
+    finish(&mut sim);
+    assert_eq!(sim.outcomes().len(), 3);
+    // Room again once delivered; a byte bound refuses too.
+    sim.push("a", 60).expect("room after delivery");
+    assert!(matches!(
+        sim.push("a", 60),
+        Err(Refused::QueueFull { events: 1, .. })
+    ));
+}
+
+#[test]
+fn fail_fast_policy_refuses_while_open() {
+    let mut cfg = config(OrderingMode::Chained, 4);
+    cfg.when_breaker_open = BreakerOpenPolicy::FailFast;
+    cfg.retry = RetrySchedule::new(vec![]).expect("empty schedule is valid");
+    let mut sim = sim(
+        cfg,
+        FaultScript::none().at(0, Fault::StreamMissing(Duration::from_secs(1))),
+    );
+    push_n(&mut sim, &["a"]);
+    sim.run_for(Duration::from_millis(50));
+    assert!(matches!(sim.outbox().breaker(), BreakerState::Open { .. }));
+    assert_eq!(sim.push("a", 10), Err(Refused::BreakerOpen));
+    finish(&mut sim);
+    assert_eq!(sim.outbox().breaker(), BreakerState::Closed { failures: 0 });
+    sim.push("a", 10).expect("accepted again once closed");
+    finish(&mut sim);
+    assert_eq!(stored_ids(&sim), ["m1", "m3"]);
+}
+
+#[test]
+fn foreign_writer_switches_to_per_key_serial_without_failing_events() {
+    let mut sim = sim(config(OrderingMode::Chained, 4), FaultScript::none());
+    push_n(&mut sim, &["a", "b"]);
+    sim.run_until_idle(IDLE).expect("idle");
+    sim.foreign_publish("other-1");
+    push_n(&mut sim, &["a", "b", "a", "b"]);
+    finish(&mut sim);
+    assert_eq!(sim.outbox().ordering(), OrderingMode::PerKeySerial);
+    assert_eq!(sim.stats().fallbacks, 1);
+    assert!(sim
+        .outcomes()
+        .values()
+        .all(|o| matches!(o, Outcome::Delivered(_))));
+    assert_eq!(
+        stored_ids(&sim),
+        ["m1", "m2", "other-1", "m3", "m4", "m5", "m6"]
+    );
+    assert_eq!(sim.stats().retrying, 0);
+}
+
+#[test]
+fn restart_forgets_last_id_and_chain_reanchors() {
+    let mut sim = sim(config(OrderingMode::Chained, 4), FaultScript::none());
+    push_n(&mut sim, &["a", "a"]);
+    sim.run_until_idle(IDLE).expect("idle");
+    sim.broker_mut().forget_last_id();
+    push_n(&mut sim, &["a", "a", "a"]);
+    finish(&mut sim);
+    assert_eq!(stored_ids(&sim), ["m1", "m2", "m3", "m4", "m5"]);
+    assert_eq!(sim.outbox().ordering(), OrderingMode::Chained);
+    assert_eq!(sim.stats().fallbacks, 0);
+    assert_eq!(sim.stats().retrying, 0);
+    assert!(
+        sim.trace()
+            .iter()
+            .any(|l| l.ends_with("transmit #3 m3 attempt 2 expect -")),
+        "#3 re-sent once without the check:\n{}",
+        sim.trace_text()
+    );
+}
+
+#[test]
+fn retry_schedule_is_100ms_then_400ms() {
+    let mut sim = sim(
+        config(OrderingMode::Chained, 1),
+        FaultScript::none()
+            .at(0, Fault::NoResponders)
+            .at(1, Fault::NoResponders)
+            .at(2, Fault::NoResponders),
+    );
+    push_n(&mut sim, &["a"]);
+    finish(&mut sim);
+    insta::assert_snapshot!(sim.trace_text(), @r"
+    +0.000s push #1 m1 key=a
+    +0.000s transmit #1 m1 attempt 1 expect -
+    +0.001s error #1 attempt 1: retryable (503 no responders)
+    +0.001s retrying from #1 (retry 1) in 100ms: 503 no responders
+    +0.101s transmit #1 m1 attempt 2 expect -
+    +0.102s error #1 attempt 2: retryable (503 no responders)
+    +0.102s retrying from #1 (retry 2) in 400ms: 503 no responders
+    +0.502s transmit #1 m1 attempt 3 expect -
+    +0.503s error #1 attempt 3: retryable (503 no responders)
+    +0.503s breaker opened until +0.603s (attempt 0)
+    +0.603s breaker HalfOpened
+    +0.603s transmit #1 m1 attempt 4 expect - (probe)
+    +0.604s ack #1 attempt 4: seq 1
+    +0.604s breaker Closed
+    +0.604s delivered #1 as 1
+    ");
+}
+
+#[test]
+fn connection_lost_rewinds_once() {
+    for mode in [
+        OrderingMode::Chained,
+        OrderingMode::PerKeySerial,
+        OrderingMode::Unordered,
+    ] {
+        let mut sim = sim(
+            config(mode, 4),
+            FaultScript::none().at(3, Fault::ConnectionLoss),
+        );
+        push_n(&mut sim, &["a", "b", "c", "d"]);
+        finish(&mut sim);
+        let stats = sim.stats();
+        assert_eq!(stats.connection_losses, 1, "{mode}");
+        assert_eq!(
+            stats.retrying,
+            1,
+            "{mode}: one connection loss is one episode\n{}",
+            sim.trace_text()
+        );
+        assert_eq!(stats.breaker_events, 0, "{mode}\n{}", sim.trace_text());
+        assert_eq!(stored_ids(&sim), ["m1", "m2", "m3", "m4"], "{mode}");
+        for seq in 1..=3 {
+            assert_eq!(delivered(&sim, seq), (seq, true), "{mode}");
+        }
+        assert_eq!(delivered(&sim, 4), (4, false), "{mode}");
+    }
+}
+
+#[test]
+fn window_limits_in_flight() {
+    for mode in [
+        OrderingMode::Chained,
+        OrderingMode::PerKeySerial,
+        OrderingMode::Unordered,
+    ] {
+        let mut sim = sim(config(mode, 3), FaultScript::none());
+        let keys: Vec<String> = (0..10).map(|i| format!("k{i}")).collect();
+        for key in &keys {
+            sim.push(key, 10).expect("room");
+        }
+        sim.settle();
+        assert_eq!(sim.outbox().in_flight(), 3, "{mode}");
+        assert_eq!(sim.stats().transmits, 3, "{mode}");
+        finish(&mut sim);
+        assert_eq!(sim.stats().max_in_flight, 3, "{mode}");
+        assert_eq!(sim.outcomes().len(), 10, "{mode}");
+    }
+}
+
+#[test]
+fn per_key_serial_keeps_one_publish_per_key_in_flight() {
+    let mut sim = sim(config(OrderingMode::PerKeySerial, 8), FaultScript::none());
+    push_n(&mut sim, &["a", "a", "a", "b", "b"]);
+    sim.settle();
+    assert_eq!(sim.outbox().in_flight(), 2, "one per key");
+    finish(&mut sim);
+    assert_eq!(stored_ids(&sim), ["m1", "m4", "m2", "m5", "m3"]);
+}
