@@ -24,6 +24,19 @@
 //! give back unchanged: JSON data under a non-JSON `datacontenttype`, and binary data that happens to
 //! parse as JSON under an absent or JSON `datacontenttype`. Structured mode carries both.
 //! For every other valid event `decode(encode(e)) == e` in both modes (property-tested below).
+//!
+//! ```
+//! use sink_core::encoding::{decode, encode, Encoding};
+//! use sink_core::event::CloudEvent;
+//!
+//! let event = CloudEvent::new("evt 1", "/orders", "order.created")
+//!     .with_data_json(serde_json::json!({"tenantId": "acme"}));
+//! let wire = encode(&event, Encoding::Binary)?;
+//! assert!(wire.headers.contains(&("ce-id".to_owned(), "evt%201".to_owned())));
+//! assert_eq!(&wire.body[..], br#"{"tenantId":"acme"}"#);
+//! assert_eq!(decode(&wire.headers, &wire.body)?, event);
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
 
 use bytes::Bytes;
 

@@ -22,6 +22,17 @@
 //!
 //! Two values the JSON format cannot tell apart from "no data" are rejected by `validate`:
 //! `Data::Json(Value::Null)` and empty `Data::Binary`. Omit the data instead.
+//!
+//! ```
+//! use sink_core::event::{CloudEvent, MsgId};
+//!
+//! let line = r#"{"specversion":"1.0","id":"evt-1","source":"cellos://supervisor/host-a","type":"cellos.cell.started","data":{"tenantId":"acme"},"traceparent":"00-ab-cd-01"}"#;
+//! let event = CloudEvent::from_json_line(line)?;
+//! assert_eq!(event.tenant_id(), Some("acme"));
+//! assert_eq!(event.extensions["traceparent"], "00-ab-cd-01");
+//! assert_eq!(MsgId::for_event(&event).as_str(), "ce1-030e8cf0079457d13b331a74aad8afdd");
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -430,18 +441,31 @@ impl CloudEvent {
     /// The structured JSON form as a `serde_json::Value`.
     pub fn to_json_value(&self) -> Value {
         let mut map = Map::new();
-        self.for_each_member(|name, value| {
+        let done: Result<(), std::convert::Infallible> = self.for_each_member(|name, member| {
+            let value = match member {
+                Member::Text(text) => Value::String(text.to_owned()),
+                Member::Json(value) => value.clone(),
+                Member::Base64(text) => Value::String(text),
+            };
             map.insert(name.to_owned(), value);
+            Ok(())
         });
-        Value::Object(map)
+        match done {
+            Ok(()) => Value::Object(map),
+            Err(never) => match never {},
+        }
     }
 
-    /// Calls `f` with every member of the structured JSON form, in a stable order.
-    fn for_each_member(&self, mut f: impl FnMut(&str, Value)) {
-        f("specversion", Value::String(self.specversion.clone()));
-        f("id", Value::String(self.id.clone()));
-        f("source", Value::String(self.source.clone()));
-        f("type", Value::String(self.ty.clone()));
+    /// Calls `f` with every member of the structured JSON form, in a stable order, borrowing
+    /// instead of cloning so that serializing an event copies its data once.
+    fn for_each_member<E>(
+        &self,
+        mut f: impl FnMut(&str, Member<'_>) -> Result<(), E>,
+    ) -> Result<(), E> {
+        f("specversion", Member::Text(&self.specversion))?;
+        f("id", Member::Text(&self.id))?;
+        f("source", Member::Text(&self.source))?;
+        f("type", Member::Text(&self.ty))?;
         let optional = [
             ("datacontenttype", &self.datacontenttype),
             ("dataschema", &self.dataschema),
@@ -450,28 +474,41 @@ impl CloudEvent {
         ];
         for (name, value) in optional {
             if let Some(value) = value {
-                f(name, Value::String(value.clone()));
+                f(name, Member::Text(value))?;
             }
         }
         for (name, value) in &self.extensions {
-            f(name, Value::String(value.clone()));
+            f(name, Member::Text(value))?;
         }
         match &self.data {
-            Some(Data::Json(value)) => f("data", value.clone()),
-            Some(Data::Binary(bytes)) => f("data_base64", Value::String(base64_encode(bytes))),
-            None => {}
+            Some(Data::Json(value)) => f("data", Member::Json(value)),
+            Some(Data::Binary(bytes)) => f("data_base64", Member::Base64(base64_encode(bytes))),
+            None => Ok(()),
+        }
+    }
+}
+
+/// One member value of the structured JSON form.
+enum Member<'a> {
+    Text(&'a str),
+    Json(&'a Value),
+    Base64(String),
+}
+
+impl Serialize for Member<'_> {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        match self {
+            Member::Text(text) => serializer.serialize_str(text),
+            Member::Json(value) => value.serialize(serializer),
+            Member::Base64(text) => serializer.serialize_str(text),
         }
     }
 }
 
 impl Serialize for CloudEvent {
     fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        let mut members = Vec::new();
-        self.for_each_member(|name, value| members.push((name.to_owned(), value)));
-        let mut map = serializer.serialize_map(Some(members.len()))?;
-        for (name, value) in &members {
-            map.serialize_entry(name, value)?;
-        }
+        let mut map = serializer.serialize_map(None)?;
+        self.for_each_member(|name, member| map.serialize_entry(name, &member))?;
         map.end()
     }
 }

@@ -13,6 +13,19 @@
 //! Every substituted value must be exactly one token under the [`TokenRule`] (by default
 //! `^[A-Za-z0-9_-]{1,64}$`); values are checked, never rewritten, so `evil.other-tenant` is an
 //! error for that one event instead of a publish to someone else's subject.
+//!
+//! ```
+//! use sink_core::event::CloudEvent;
+//! use sink_core::subject::{SubjectConfig, SubjectError, SubjectTemplate};
+//!
+//! let config = SubjectConfig::new(SubjectTemplate::parse("cellos.events.{tenantId}.v1")?);
+//! assert_eq!(config.filter(), "cellos.events.*.v1");
+//! let acme = CloudEvent::new("1", "/s", "t").with_extension("tenantid", "acme");
+//! assert_eq!(config.render(&acme)?, "cellos.events.acme.v1");
+//! let evil = CloudEvent::new("2", "/s", "t").with_extension("tenantid", "evil.other-tenant");
+//! assert!(matches!(config.render(&evil), Err(SubjectError::InvalidToken { .. })));
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
 
 use std::fmt;
 use std::str::FromStr;
