@@ -542,3 +542,60 @@ async fn reset_makes_the_client_disconnect_and_reconnect_v2_9() {
 async fn reset_makes_the_client_disconnect_and_reconnect_v2_15() {
     reset_makes_the_client_disconnect_and_reconnect(ServerVersion::V2_15).await;
 }
+
+async fn cut_inside_a_frame_forces_a_reconnect(version: ServerVersion) {
+    let (server, proxy) = start_server(version).await;
+    let (client, mut events) = nats_through(&server, &proxy).await;
+    let js = jetstream::new(client.clone());
+    js.create_stream(jetstream::stream::Config {
+        name: "PX".to_owned(),
+        subjects: vec!["px.>".to_owned()],
+        ..Default::default()
+    })
+    .await
+    .expect("create stream through the proxy");
+
+    let up_before = proxy.stats().bytes_up;
+    // Hold reconnects back so the byte count covers only the cut connection.
+    proxy.set_mode(ProxyMode::RefuseNew);
+    proxy.cut_after(100, Direction::ClientToServer);
+    client
+        .publish("px.a", bytes::Bytes::from(vec![b'x'; 1000]))
+        .await
+        .expect("queue publish");
+    let _ = client.flush().await;
+    wait_event(&mut events, Duration::from_secs(5), |e| {
+        matches!(e, async_nats::Event::Disconnected)
+    })
+    .await
+    .expect("client did not see the cut");
+    let stats = proxy.stats();
+    assert_eq!(stats.cuts, 1);
+    assert_eq!(stats.bytes_up, up_before + 100, "{stats}");
+    assert!(!proxy.cut_pending());
+    proxy.set_mode(ProxyMode::PassThrough);
+    wait_event(&mut events, Duration::from_secs(5), |e| {
+        matches!(e, async_nats::Event::Connected)
+    })
+    .await
+    .expect("client did not reconnect after the cut");
+    assert_eq!(proxy.stats().accepted, 2);
+    // The server never stores a truncated frame: whatever is stored is the whole message.
+    let mut stream = js.get_stream("PX").await.expect("get stream");
+    let info = stream.info().await.expect("stream info");
+    assert!(info.state.messages <= 1);
+    if info.state.messages == 1 {
+        let stored = stream.get_raw_message(1).await.expect("stored message");
+        assert_eq!(stored.payload.len(), 1000);
+    }
+}
+
+#[tokio::test]
+async fn cut_inside_a_frame_forces_a_reconnect_v2_9() {
+    cut_inside_a_frame_forces_a_reconnect(ServerVersion::V2_9).await;
+}
+
+#[tokio::test]
+async fn cut_inside_a_frame_forces_a_reconnect_v2_15() {
+    cut_inside_a_frame_forces_a_reconnect(ServerVersion::V2_15).await;
+}
