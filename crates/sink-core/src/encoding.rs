@@ -64,6 +64,44 @@ pub enum Encoding {
     Binary,
 }
 
+impl Encoding {
+    /// The name used in configuration: `structured` or `binary`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Encoding::Structured => "structured",
+            Encoding::Binary => "binary",
+        }
+    }
+}
+
+impl std::fmt::Display for Encoding {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A configuration value that names no [`Encoding`].
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("encoding \"{value}\" is unknown; use `structured` or `binary`")]
+pub struct UnknownEncoding {
+    /// The value given (escaped preview).
+    pub value: String,
+}
+
+impl std::str::FromStr for Encoding {
+    type Err = UnknownEncoding;
+
+    fn from_str(value: &str) -> Result<Self, Self::Err> {
+        match value {
+            "structured" => Ok(Encoding::Structured),
+            "binary" => Ok(Encoding::Binary),
+            other => Err(UnknownEncoding {
+                value: preview(other),
+            }),
+        }
+    }
+}
+
 /// A NATS message without its subject: headers in order, then the body.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Wire {
@@ -473,6 +511,19 @@ mod tests {
             let wire = encode(&event, Encoding::Structured).unwrap();
             assert_eq!(decode(&wire.headers, &wire.body), Ok(event));
         }
+    }
+
+    #[test]
+    fn encoding_names() {
+        for encoding in [Encoding::Structured, Encoding::Binary] {
+            assert_eq!(encoding.to_string().parse(), Ok(encoding));
+        }
+        assert_eq!(
+            "Binary".parse::<Encoding>(),
+            Err(UnknownEncoding {
+                value: "Binary".into()
+            })
+        );
     }
 
     #[test]

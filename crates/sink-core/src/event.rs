@@ -73,15 +73,12 @@ pub(crate) const PREVIEW_MAX_CHARS: usize = 32;
 
 /// Escaped, length-bounded preview of a value for error messages (never longer than 32 chars).
 pub(crate) fn preview(value: &str) -> String {
-    let mut out = String::new();
-    for ch in value.chars() {
-        let escaped: String = ch.escape_debug().collect();
-        if out.chars().count() + escaped.chars().count() > PREVIEW_MAX_CHARS - 3 {
-            out.push_str("...");
-            return out;
-        }
-        out.push_str(&escaped);
+    let escaped: String = value.chars().flat_map(char::escape_debug).collect();
+    if escaped.chars().count() <= PREVIEW_MAX_CHARS {
+        return escaped;
     }
+    let mut out: String = escaped.chars().take(PREVIEW_MAX_CHARS - 3).collect();
+    out.push_str("...");
     out
 }
 
@@ -1120,6 +1117,8 @@ mod tests {
     #[test]
     fn preview_is_escaped_and_short() {
         assert_eq!(preview("a\nb"), "a\\nb");
+        let exact = "y".repeat(PREVIEW_MAX_CHARS);
+        assert_eq!(preview(&exact), exact);
         let long = preview(&"\u{1}".repeat(100));
         assert!(long.chars().count() <= PREVIEW_MAX_CHARS, "{long}");
         assert!(long.ends_with("..."));
