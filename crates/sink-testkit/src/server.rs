@@ -679,13 +679,41 @@ impl NatsServer {
     }
 
     /// Freezes the process with SIGSTOP: its sockets stay open but nothing is answered.
+    ///
+    /// Returns once the kernel reports the process stopped (signal delivery is asynchronous, and
+    /// a test that sends a request right after `pause` must not get an answer).
     pub fn pause(&self) -> Result<(), HarnessError> {
-        self.signal(Signal::SIGSTOP, "SIGSTOP", "pause")
+        self.signal(Signal::SIGSTOP, "SIGSTOP", "pause")?;
+        self.await_stopped(true, "SIGSTOP")
     }
 
-    /// Thaws a paused process with SIGCONT.
+    /// Thaws a paused process with SIGCONT; returns once it runs again.
     pub fn resume(&self) -> Result<(), HarnessError> {
-        self.signal(Signal::SIGCONT, "SIGCONT", "resume")
+        self.signal(Signal::SIGCONT, "SIGCONT", "resume")?;
+        self.await_stopped(false, "SIGCONT")
+    }
+
+    /// Polls `/proc/PID/stat` (for at most 2 s) until the process is (or is no longer) stopped.
+    fn await_stopped(&self, stopped: bool, signal: &'static str) -> Result<(), HarnessError> {
+        let Some(pid) = self.pid() else {
+            return Ok(());
+        };
+        let deadline = Instant::now() + Duration::from_secs(2);
+        loop {
+            match process_state(pid) {
+                // Gone or unreadable: nothing left to wait for.
+                None => return Ok(()),
+                Some(state) if (state == 'T') == stopped => return Ok(()),
+                Some(state) if Instant::now() >= deadline => {
+                    return Err(HarnessError::Signal {
+                        signal,
+                        pid,
+                        reason: format!("process state is still '{state}' after 2 s"),
+                    })
+                }
+                Some(_) => std::thread::sleep(Duration::from_millis(1)),
+            }
+        }
     }
 
     /// Puts the server into lame duck mode (SIGUSR2, what `nats-server --signal ldm=PID` sends) and
@@ -969,6 +997,14 @@ pub async fn jetstream_answers(client: &async_nats::Client) -> Result<(), String
     }
 }
 
+/// The state letter of a process (`R`, `S`, `T` for stopped, ...) from `/proc/PID/stat`.
+fn process_state(pid: u32) -> Option<char> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name is parenthesised and may itself contain spaces or parentheses.
+    let after_name = &stat[stat.rfind(')')? + 1..];
+    after_name.split_whitespace().next()?.chars().next()
+}
+
 /// A double-quoted config string (JSON escaping, which the nats-server config parser reads).
 fn quote(value: impl AsRef<std::ffi::OsStr>) -> String {
     let text = value.as_ref().to_string_lossy().into_owned();
@@ -1045,6 +1081,13 @@ mod tests {
         assert!(text.contains("2.15.1"), "{text}");
         assert!(text.contains("/nope/nats-server"), "{text}");
         assert!(text.contains("cargo xtask nats-server"), "{text}");
+    }
+
+    #[test]
+    fn process_state_reads_a_running_process() {
+        let state = process_state(std::process::id()).expect("own /proc entry");
+        assert!(matches!(state, 'R' | 'S'), "{state}");
+        assert_eq!(process_state(u32::MAX), None);
     }
 
     #[test]
