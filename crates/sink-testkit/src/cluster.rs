@@ -277,5 +277,7 @@ async fn account_info(node: &NatsServer) -> Result<(), String> {
         .connect(node.url())
         .await
         .map_err(|e| e.to_string())?;
-    crate::server::jetstream_answers(&client).await
+    crate::server::jetstream_answers(&client)
+        .await
+        .map_err(|e| e.to_string())
 }

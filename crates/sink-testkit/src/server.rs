@@ -954,7 +954,7 @@ impl NatsServer {
             .await
             .map_err(|e| format!("client connect: {e}"))?;
         if self.readiness == Readiness::JetStream {
-            jetstream_answers(&client).await?;
+            jetstream_probe(&client).await?;
         }
         Ok(())
     }
@@ -981,7 +981,16 @@ impl Drop for NatsServer {
 ///
 /// Raw on purpose: async-nats 0.51's `Context::query_account` cannot parse the account info reply of
 /// nats-server 2.9.10, so it fails there although JetStream works.
-pub async fn jetstream_answers(client: &async_nats::Client) -> Result<(), String> {
+pub async fn jetstream_answers(client: &async_nats::Client) -> Result<(), HarnessError> {
+    jetstream_probe(client)
+        .await
+        .map_err(|reason| HarnessError::JetStream {
+            action: "read JetStream API info".to_owned(),
+            reason,
+        })
+}
+
+async fn jetstream_probe(client: &async_nats::Client) -> Result<(), String> {
     let reply = tokio::time::timeout(
         Duration::from_secs(2),
         client.request("$JS.API.INFO", bytes::Bytes::new()),

@@ -348,6 +348,24 @@ async fn dropping_the_handle_kills_the_process_and_removes_its_files() {
 }
 
 #[tokio::test]
+async fn a_panicking_test_still_kills_its_server() {
+    let (pid_tx, pid_rx) = tokio::sync::oneshot::channel();
+    let task = tokio::spawn(async move {
+        let server = NatsServer::start(ServerOptions::version(ServerVersion::V2_15))
+            .await
+            .expect("start");
+        pid_tx
+            .send(server.pid().expect("running"))
+            .expect("send pid");
+        panic!("simulated test failure while the server runs");
+    });
+    let outcome = task.await;
+    assert!(outcome.is_err_and(|e| e.is_panic()), "the task must panic");
+    let pid = pid_rx.await.expect("pid sent before the panic");
+    assert!(!process_exists(pid), "pid {pid} survived the panic");
+}
+
+#[tokio::test]
 async fn bad_config_fails_fast_with_the_log_tail() {
     let started = Instant::now();
     let err = NatsServer::start(ServerOptions {
