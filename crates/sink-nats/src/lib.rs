@@ -93,3 +93,8 @@ pub fn stream_requirements(
     let subjects = subjects::Subjects::new(config)?;
     Ok(driver::requirements(config, &subjects))
 }
+
+/// The README's examples, compiled and run as doctests.
+#[cfg(doctest)]
+#[doc = include_str!("../../../README.md")]
+pub struct ReadmeDoctests;
