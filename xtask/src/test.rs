@@ -122,7 +122,7 @@ pub fn run(sh: &Shell, root: &Path, options: Options) -> anyhow::Result<()> {
             action: Box::new(|| {
                 Ok(cmd!(
                     sh,
-                    "{cargo} clippy --workspace --all-targets -- -D warnings"
+                    "{cargo} clippy --workspace --all-targets --all-features -- -D warnings"
                 )
                 .run()?)
             }),
@@ -130,12 +130,16 @@ pub fn run(sh: &Shell, root: &Path, options: Options) -> anyhow::Result<()> {
         Stage {
             name: "test",
             in_quick: true,
-            action: Box::new(|| Ok(cmd!(sh, "{cargo} test --workspace --all-targets").run()?)),
+            action: Box::new(|| {
+                Ok(cmd!(sh, "{cargo} test --workspace --all-targets --all-features").run()?)
+            }),
         },
         Stage {
             name: "doctest",
             in_quick: true,
-            action: Box::new(|| Ok(cmd!(sh, "{cargo} test --workspace --doc").run()?)),
+            action: Box::new(|| {
+                Ok(cmd!(sh, "{cargo} test --workspace --doc --all-features").run()?)
+            }),
         },
         Stage {
             name: "doc",
