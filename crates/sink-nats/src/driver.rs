@@ -93,6 +93,10 @@ pub(crate) async fn connect_options(config: &SinkConfig) -> Result<ConnectOption
     let backoff = config.reconnect.clone();
     Ok(opts
         .name(&config.name)
+        // The driver awaits each publish's hand-off to the client; while the client reconnects it
+        // stops draining that channel, so size it for several windows of re-sends rather than
+        // let the driver block on it.
+        .client_capacity((config.window * 16).max(8192))
         .ping_interval(config.ping_interval)
         .connection_timeout(config.connect_timeout)
         .request_timeout(Some(config.ack_timeout))
