@@ -1,7 +1,8 @@
 //! Circuit breaker: Closed / Open { until, attempt } / HalfOpen with a single-flight probe, as pure transitions.
 //!
 //! The breaker counts failure *episodes* (a per-publish retry schedule that ran out), not single failed
-//! publishes: the outbox decides what an episode is. Terminal per-event errors never reach the breaker.
+//! publishes: the outbox decides what an episode is. Terminal per-event errors never count as failures
+//! (the outbox reports such an answer as a success: the broker is reachable).
 //! Every transition is a pure function of (state, input, now): [`step`]. [`Breaker`] wraps it with the
 //! config and keeps the state.
 

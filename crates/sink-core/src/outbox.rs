@@ -33,10 +33,12 @@
 //! A failure of an in-flight publish (timeout = ambiguous, connection lost, 503, 429, wrong last id)
 //! rewinds delivery to that event and waits `retry.delay(n)` (default 100 ms, then 400 ms). When the
 //! schedule runs out the episode counts as one breaker failure; an open breaker transmits nothing until
-//! its deadline, then a single probe. Events are never dropped by a fault: they stay queued, bounded by
-//! `max_events` and `max_bytes`; a full queue refuses new pushes ([`Refused::QueueFull`]) and the
-//! adapter applies its when-full policy (block with a deadline, or reject). With
-//! [`BreakerOpenPolicy::FailFast`] pushes are refused while the breaker is open (the seed's behaviour).
+//! its deadline, then a single probe. Any answer to the probe that is not a retryable failure (an
+//! ack, a terminal rejection, a 10070 handled without an episode) shows the broker is reachable and
+//! closes it. Events are never dropped by a fault: they stay queued, bounded by `max_events` and
+//! `max_bytes`; a full queue refuses new pushes ([`Refused::QueueFull`]) and the adapter applies its
+//! when-full policy (block with a deadline, or reject). With [`BreakerOpenPolicy::FailFast`] pushes
+//! are refused while the breaker is open (the seed's behaviour).
 //!
 //! Entries keep only what a persistent spool needs: a local sequence, the message (with its stable
 //! message id) and the unix millis it was accepted at. No `Instant` is stored in an entry.
@@ -573,7 +575,10 @@ impl Outbox {
             return; // stale: that transmission was already given up on
         }
         match failure {
-            Failure::Terminal(rejection) => self.reject(seq, rejection),
+            Failure::Terminal(rejection) => {
+                self.broker_answered(now);
+                self.reject(seq, rejection);
+            }
             Failure::Retryable { reason } => self.fail(seq, reason, now),
             Failure::Timeout => self.fail(seq, "ack timeout (ambiguous)".into(), now),
             Failure::WrongLastMsgId { actual } => self.wrong_last(seq, actual, now),
@@ -760,6 +765,15 @@ impl Outbox {
         self.outputs.push_back(Output::Rejected { seq, rejection });
     }
 
+    /// The broker processed a publish and answered with a per-event verdict (terminal, or 10070
+    /// handled without an episode): it is reachable. Without this, such an answer to the half-open
+    /// probe would leave the probe outstanding forever and nothing would be transmitted again.
+    fn broker_answered(&mut self, now: Instant) {
+        if let Some(event) = self.breaker.handle(BreakerInput::Success, now) {
+            self.outputs.push_back(Output::Breaker(event));
+        }
+    }
+
     fn wrong_last(&mut self, seq: EventSeq, actual: Option<String>, now: Instant) {
         let i = self.index_of(seq).expect("in flight entries are held");
         let predecessor_stored = match i {
@@ -773,15 +787,20 @@ impl Outbox {
             self.rewind(i);
             self.drop_stale_timers();
             self.hold_behind = Some(pred);
+            self.broker_answered(now);
             return;
         }
         if actual.as_deref().is_none_or(str::is_empty) && self.ordering == OrderingMode::Chained {
             // The predecessor is stored but the stream reports no last id (it does not keep it
             // across a restart): nothing can be out of order before this event, so send it once
             // without the check to re-anchor the chain.
+            // A successor's 10070 may have put transmission on hold behind this very event; the
+            // rewind above made every hold from here on obsolete, and this event must go next.
             self.rewind(i);
             self.drop_stale_timers();
+            self.hold_behind = None;
             self.reanchor = Some(seq);
+            self.broker_answered(now);
             return;
         }
         let ours = actual.as_deref().is_some_and(|a| {
@@ -793,6 +812,7 @@ impl Outbox {
             return;
         }
         // Our predecessor is stored and the stream's last message is someone else's.
+        self.broker_answered(now);
         self.ordering = OrderingMode::PerKeySerial;
         self.hold_behind = None;
         let first_unacked = self

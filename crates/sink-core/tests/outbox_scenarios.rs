@@ -361,3 +361,85 @@ fn per_key_serial_keeps_one_publish_per_key_in_flight() {
     finish(&mut sim);
     assert_eq!(stored_ids(&sim), ["m1", "m4", "m2", "m5", "m3"]);
 }
+
+/// Found by the property suite: a terminal answer to the half-open probe left the probe
+/// outstanding forever, so nothing was ever transmitted again.
+#[test]
+fn terminal_answer_to_the_probe_closes_the_breaker() {
+    for mode in [
+        OrderingMode::Chained,
+        OrderingMode::PerKeySerial,
+        OrderingMode::Unordered,
+    ] {
+        let mut sim = sim(
+            config(mode, 1),
+            FaultScript::none()
+                .at(0, Fault::NoResponders)
+                .at(1, Fault::NoResponders)
+                .at(2, Fault::NoResponders)
+                .at(3, Fault::Terminal { code: 10054 }),
+        );
+        push_n(&mut sim, &["a", "a"]);
+        finish(&mut sim);
+        assert!(
+            sim.trace()
+                .iter()
+                .any(|l| l.ends_with("transmit #1 m1 attempt 4 expect - (probe)")),
+            "{mode}: the probe got the terminal answer\n{}",
+            sim.trace_text()
+        );
+        assert!(matches!(sim.outcomes().get(&1), Some(Outcome::Rejected(_))));
+        assert_eq!(delivered(&sim, 2), (1, false), "{mode}");
+        assert_eq!(sim.outbox().breaker(), BreakerState::Closed { failures: 0 });
+    }
+}
+
+/// Found by the property suite: a 10070 answer to the probe (the stream forgot its last id during
+/// the outage) re-anchored the chain but left the probe outstanding: delivery stopped for good.
+#[test]
+fn wrong_last_id_answer_to_the_probe_reanchors_and_closes_the_breaker() {
+    let mut sim = sim(config(OrderingMode::Chained, 1), FaultScript::none());
+    push_n(&mut sim, &["a"]);
+    sim.run_until_idle(IDLE).expect("idle");
+    let script = [
+        Fault::NoResponders,
+        Fault::NoResponders,
+        Fault::NoResponders,
+        Fault::ForgetLastId,
+    ];
+    for fault in script {
+        sim.broker_mut().inject_next(fault);
+    }
+    push_n(&mut sim, &["a", "a"]);
+    finish(&mut sim);
+    assert_eq!(stored_ids(&sim), ["m1", "m2", "m3"]);
+    assert_eq!(sim.outbox().ordering(), OrderingMode::Chained);
+    assert_eq!(sim.outbox().breaker(), BreakerState::Closed { failures: 0 });
+    assert!(sim.stats().probes >= 1);
+}
+
+/// Found by the property suite: after a restart, a successor's 10070 arrived first and put
+/// transmission on hold behind its predecessor; the predecessor's own 10070 then re-anchored the
+/// chain but left the hold in place, so nothing was transmitted again.
+#[test]
+fn reanchor_releases_a_hold_placed_by_a_successor() {
+    let mut sim = sim(
+        config(OrderingMode::Chained, 4),
+        FaultScript::none()
+            .at(1, Fault::ForgetLastId)
+            .at(1, Fault::DelayReply(Duration::from_millis(5))),
+    );
+    push_n(&mut sim, &["a"]);
+    sim.run_until_idle(IDLE).expect("idle");
+    push_n(&mut sim, &["a", "a"]);
+    finish(&mut sim);
+    assert_eq!(stored_ids(&sim), ["m1", "m2", "m3"]);
+    assert_eq!(sim.stats().retrying, 0);
+    assert!(
+        sim.trace()
+            .iter()
+            .any(|l| l.ends_with("transmit #2 m2 attempt 2 expect -")),
+        "{}",
+        sim.trace_text()
+    );
+}
