@@ -88,3 +88,64 @@ pub async fn send_all(sink: &JetStreamSink, run: &str, n: usize, tenants: usize)
     }
     sent
 }
+
+/// Reconnect/breaker backoff for fault tests: 100 ms doubling, capped at 1 s, so a test sees the
+/// sink come back within a second of the fault ending instead of after a long exponential wait.
+pub fn fast_reconnect() -> sink_core::backoff::Backoff {
+    sink_core::backoff::Backoff {
+        cap: Duration::from_secs(1),
+        ..sink_core::backoff::Backoff::reconnect_default()
+    }
+}
+
+/// `127.0.0.1:PORT` of a server, for `FaultProxy::start`.
+pub fn upstream_of(server: &NatsServer) -> String {
+    format!("127.0.0.1:{}", server.port())
+}
+
+/// Reads `stream` back through `client` and compares it with what the sink reported.
+pub async fn audit_stream(client: async_nats::Client, stream: &str, sent: &[Sent]) -> AuditReport {
+    let js = async_nats::jetstream::new(client);
+    let stored = read_stream(&js, stream, Duration::from_secs(30))
+        .await
+        .expect("read stream back");
+    sink_testkit::compare(&expectations(sent, false), &stored)
+}
+
+/// Sends `n` events pipelined from a background task (see [`send_all`]).
+pub fn spawn_send_all(
+    sink: &JetStreamSink,
+    run: &str,
+    n: usize,
+    tenants: usize,
+) -> tokio::task::JoinHandle<Vec<Sent>> {
+    let sink = sink.clone();
+    let run = run.to_owned();
+    tokio::spawn(async move { send_all(&sink, &run, n, tenants).await })
+}
+
+/// Polls `health().in_flight` until it reaches `at_least` or `timeout` passes; returns the highest
+/// value seen (the caller asserts on it).
+pub async fn wait_in_flight(sink: &JetStreamSink, at_least: usize, timeout: Duration) -> usize {
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut most = 0;
+    loop {
+        most = most.max(sink.health().in_flight);
+        if most >= at_least || tokio::time::Instant::now() >= deadline {
+            return most;
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+}
+
+/// Number of events reported delivered.
+pub fn delivered_count(sent: &[Sent]) -> usize {
+    sent.iter().filter(|s| s.outcome.is_ok()).count()
+}
+
+/// Number of events reported delivered with `duplicate: true`.
+pub fn duplicate_acks(sent: &[Sent]) -> usize {
+    sent.iter()
+        .filter(|s| s.outcome.as_ref().is_ok_and(|r| r.duplicate))
+        .count()
+}
