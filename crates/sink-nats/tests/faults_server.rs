@@ -1,0 +1,746 @@
+//! Server-level fault rows of RELIABILITY.md (F2, F3, F7, F9, F14, F15, F16, F17) on real 2.9 and 2.15 servers.
+
+mod common;
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::*;
+use sink_core::backoff::{Backoff, Jitter, RetrySchedule};
+use sink_core::event::CloudEvent;
+use sink_nats::{
+    new_stream_config, BreakerStatus, EmitError, JetStreamSink, Pending, StartError, StreamPolicy,
+};
+use sink_testkit::{AuditReport, NatsServer, ServerOptions, ServerVersion};
+
+/// The longest any single outcome may take (I5).
+const OUTCOME_BOUND: Duration = Duration::from_secs(60);
+
+/// Breaker and client reconnect delays that stay short, so recovery after a fault is quick.
+fn quick_reconnect() -> Backoff {
+    Backoff {
+        base: Duration::from_millis(100),
+        factor: 2,
+        cap: Duration::from_secs(1),
+        jitter: Jitter::None,
+        seed: 0,
+    }
+}
+
+/// Sends `n` events from a task, 20 at a time with `pace` between batches, so a fault can land in
+/// the middle; the counter says how many were accepted so far.
+fn send_paced(
+    sink: &JetStreamSink,
+    run: &str,
+    n: usize,
+    pace: Duration,
+) -> (
+    tokio::task::JoinHandle<Vec<(CloudEvent, Pending)>>,
+    Arc<AtomicUsize>,
+) {
+    let sink = sink.clone();
+    let run = run.to_owned();
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let counter = accepted.clone();
+    let task = tokio::spawn(async move {
+        let mut out = Vec::with_capacity(n);
+        for i in 0..n {
+            let e = event(&run, i, 4);
+            let p = sink.send(e.clone()).await.expect("accepted into the queue");
+            out.push((e, p));
+            counter.store(i + 1, Ordering::Relaxed);
+            if i % 20 == 19 {
+                tokio::time::sleep(pace).await;
+            }
+        }
+        out
+    });
+    (task, accepted)
+}
+
+async fn wait_accepted(accepted: &AtomicUsize, at_least: usize) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while accepted.load(Ordering::Relaxed) < at_least {
+        assert!(
+            Instant::now() < deadline,
+            "sender stalled before {at_least}"
+        );
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+}
+
+/// Awaits every outcome, each within [`OUTCOME_BOUND`] (I5).
+async fn outcomes(pending: Vec<(CloudEvent, Pending)>) -> Vec<Sent> {
+    let mut sent = Vec::with_capacity(pending.len());
+    for (event, p) in pending {
+        let outcome = tokio::time::timeout(OUTCOME_BOUND, p)
+            .await
+            .unwrap_or_else(|_| panic!("I5: outcome of {} within {OUTCOME_BOUND:?}", event.id));
+        sent.push(Sent { event, outcome });
+    }
+    sent
+}
+
+fn duplicate_acks(sent: &[Sent]) -> usize {
+    sent.iter()
+        .filter(|s| s.outcome.as_ref().is_ok_and(|r| r.duplicate))
+        .count()
+}
+
+fn assert_all_ok(sent: &[Sent]) {
+    for s in sent {
+        if let Err(e) = &s.outcome {
+            panic!("event {} failed: {e}", s.event.id);
+        }
+    }
+}
+
+fn js_of(client: async_nats::Client) -> async_nats::jetstream::Context {
+    async_nats::jetstream::new(client)
+}
+
+// ---------------------------------------------------------------------------------------------
+// F2: kill -9 mid-stream, restart after 2 s on the same port and store
+
+async fn kill_9_mid_stream(version: ServerVersion) {
+    let mut server = server(version).await;
+    let sink = builder(&server.url())
+        .reconnect(quick_reconnect())
+        .connect()
+        .await
+        .expect("connect");
+    let (task, accepted) = send_paced(&sink, "f2", 3000, Duration::from_millis(2));
+    wait_accepted(&accepted, 1000).await;
+    server.kill().await.expect("kill -9");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let during = sink.health();
+    println!("F2 {version}: health during the outage: {during:?}");
+    assert!(during.queued > 0, "the kill landed mid-stream: {during:?}");
+    server
+        .restart()
+        .await
+        .expect("restart on the same port and store");
+    let pending = task.await.expect("sender task");
+    let sent = outcomes(pending).await;
+    assert_all_ok(&sent);
+    let health = sink.health();
+    println!(
+        "F2 {version}: duplicate acks after restart: {}, ordering now {:?}, last error {:?}",
+        duplicate_acks(&sent),
+        health.ordering,
+        health.last_error
+    );
+    let report = audit(&server.url(), &sent).await;
+    report.assert_passed();
+    assert_eq!(report.stored, 3000, "0 stored duplicates, nothing lost");
+    let close = sink.close(Duration::from_secs(5)).await;
+    assert!(close.complete(), "{close:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_mid_stream_loses_nothing_and_stores_no_duplicate_on_2_9() {
+    kill_9_mid_stream(ServerVersion::V2_9).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_mid_stream_loses_nothing_and_stores_no_duplicate_on_2_15() {
+    kill_9_mid_stream(ServerVersion::V2_15).await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// F3: outage longer than the duplicate window
+
+async fn outage_beyond_duplicate_window(version: ServerVersion) {
+    let mut server = server(version).await;
+    let client = server.connect().await.expect("client");
+    let mut config = new_stream_config(STREAM, vec!["t.events.*.v1".into()]);
+    config.duplicate_window = Duration::from_secs(5);
+    js_of(client)
+        .create_stream(config)
+        .await
+        .expect("create stream with a 5 s duplicate window");
+    // Retry span: 1 s * 3 attempts + 0.5 s = 3.5 s, inside the 5 s window, so Verify accepts it.
+    let sink = builder(&server.url())
+        .stream_policy(StreamPolicy::Verify)
+        .ack_timeout(Duration::from_secs(1))
+        .retry(
+            RetrySchedule::new(vec![Duration::from_millis(100), Duration::from_millis(400)])
+                .unwrap(),
+        )
+        .reconnect(quick_reconnect())
+        .connect()
+        .await
+        .expect("Verify accepts a window longer than the retry span");
+    let (task, accepted) = send_paced(&sink, "f3", 2000, Duration::from_millis(2));
+    wait_accepted(&accepted, 700).await;
+    server.kill().await.expect("kill -9");
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    assert!(sink.health().queued > 0, "{:?}", sink.health());
+    server.restart().await.expect("restart");
+    let pending = task.await.expect("sender task");
+    let sent = outcomes(pending).await;
+    assert_all_ok(&sent);
+    let report = audit(&server.url(), &sent).await;
+    println!(
+        "F3 {version}: duplicate acks {}, stored {}, stored duplicates {}, ordering {:?}",
+        duplicate_acks(&sent),
+        report.stored,
+        report.duplicates.len(),
+        sink.health().ordering
+    );
+    assert!(report.missing.is_empty(), "I1: {report}");
+    assert!(report.out_of_order.is_empty(), "I3: {report}");
+    assert!(report.sequence_mismatch.is_empty(), "I4: {report}");
+    assert!(report.unexpected.is_empty(), "{report}");
+    let close = sink.close(Duration::from_secs(5)).await;
+    assert!(close.complete(), "{close:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn outage_longer_than_duplicate_window_keeps_acked_events_in_order_on_2_9() {
+    outage_beyond_duplicate_window(ServerVersion::V2_9).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn outage_longer_than_duplicate_window_keeps_acked_events_in_order_on_2_15() {
+    outage_beyond_duplicate_window(ServerVersion::V2_15).await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// F7: SIGSTOP longer than the ack timeout, then SIGCONT
+
+async fn paused_server(version: ServerVersion) {
+    let server = server(version).await;
+    let sink = builder(&server.url())
+        .ack_timeout(Duration::from_secs(1))
+        .reconnect(quick_reconnect())
+        .connect()
+        .await
+        .expect("connect");
+    let (task, accepted) = send_paced(&sink, "f7", 2000, Duration::from_millis(2));
+    wait_accepted(&accepted, 700).await;
+    server.pause().expect("SIGSTOP");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let during = sink.health();
+    println!("F7 {version}: health while paused: {during:?}");
+    assert!(during.queued > 0, "{during:?}");
+    server.resume().expect("SIGCONT");
+    let started = Instant::now();
+    let pending = task.await.expect("sender task");
+    let sent = outcomes(pending).await;
+    println!(
+        "F7 {version}: everything settled {:?} after SIGCONT, duplicate acks {}",
+        started.elapsed(),
+        duplicate_acks(&sent)
+    );
+    assert_all_ok(&sent);
+    let report = audit(&server.url(), &sent).await;
+    report.assert_passed();
+    assert_eq!(report.stored, 2000);
+    let close = sink.close(Duration::from_secs(5)).await;
+    assert!(close.complete(), "{close:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigstop_longer_than_ack_timeout_stores_no_duplicate_and_resumes_on_2_9() {
+    paused_server(ServerVersion::V2_9).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigstop_longer_than_ack_timeout_stores_no_duplicate_and_resumes_on_2_15() {
+    paused_server(ServerVersion::V2_15).await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// F9: stream missing at start, deleted mid-run
+
+async fn audit_of(url: &str, sent: &[Sent]) -> AuditReport {
+    audit(url, sent).await
+}
+
+async fn stream_missing_at_start(version: ServerVersion) {
+    let server = server(version).await;
+    let err = builder(&server.url())
+        .stream_policy(StreamPolicy::Verify)
+        .connect()
+        .await
+        .expect_err("no stream, Verify");
+    match &err {
+        StartError::StreamMissing { stream } => assert_eq!(stream, STREAM),
+        other => panic!("expected StreamMissing, got {other:?}"),
+    }
+    assert!(err.to_string().contains("StreamPolicy::Create"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn verify_refuses_to_start_without_the_stream_on_2_9() {
+    stream_missing_at_start(ServerVersion::V2_9).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn verify_refuses_to_start_without_the_stream_on_2_15() {
+    stream_missing_at_start(ServerVersion::V2_15).await;
+}
+
+async fn send_and_settle(sink: &JetStreamSink, run: &str, n: usize) -> Vec<Sent> {
+    let mut pending = Vec::with_capacity(n);
+    for i in 0..n {
+        let e = event(run, i, 3);
+        let p = sink.send(e.clone()).await.expect("accepted");
+        pending.push((e, p));
+    }
+    outcomes(pending).await
+}
+
+async fn stream_deleted_mid_run_with_verify(version: ServerVersion) {
+    let server = server(version).await;
+    let js = js_of(server.connect().await.expect("client"));
+    let config = new_stream_config(STREAM, vec!["t.events.*.v1".into()]);
+    js.create_stream(config.clone()).await.expect("create");
+    let sink = builder(&server.url())
+        .stream_policy(StreamPolicy::Verify)
+        .reconnect(quick_reconnect())
+        .connect()
+        .await
+        .expect("connect");
+    let before = send_and_settle(&sink, "f9v-before", 200).await;
+    assert_all_ok(&before);
+    js.delete_stream(STREAM).await.expect("delete stream");
+
+    let mut pending = Vec::new();
+    for i in 0..300 {
+        let e = event("f9v-after", i, 3);
+        let p = sink
+            .send(e.clone())
+            .await
+            .expect("queued while the stream is gone");
+        pending.push((e, p));
+    }
+    // The breaker opens and the events stay queued with a clear error.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let health = loop {
+        let h = sink.health();
+        if h.breaker == BreakerStatus::Open {
+            break h;
+        }
+        assert!(Instant::now() < deadline, "breaker never opened: {h:?}");
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    };
+    println!("F9 {version}: health with the stream gone: {health:?}");
+    assert!(health.last_error.is_some(), "{health:?}");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let health = sink.health();
+    assert_eq!(
+        health.queued, 300,
+        "nothing dropped or delivered: {health:?}"
+    );
+
+    js.create_stream(config).await.expect("re-create");
+    let after = outcomes(pending).await;
+    assert_all_ok(&after);
+    let report = audit_of(&server.url(), &after).await;
+    report.assert_passed();
+    assert_eq!(report.stored, 300);
+    assert_eq!(sink.health().breaker, BreakerStatus::Closed);
+    let close = sink.close(Duration::from_secs(5)).await;
+    assert!(close.complete(), "{close:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stream_deleted_mid_run_queues_opens_breaker_then_delivers_on_recreate_on_2_9() {
+    stream_deleted_mid_run_with_verify(ServerVersion::V2_9).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stream_deleted_mid_run_queues_opens_breaker_then_delivers_on_recreate_on_2_15() {
+    stream_deleted_mid_run_with_verify(ServerVersion::V2_15).await;
+}
+
+async fn stream_deleted_mid_run_with_create(version: ServerVersion) {
+    let server = server(version).await;
+    let js = js_of(server.connect().await.expect("client"));
+    let sink = builder(&server.url())
+        .stream_policy(StreamPolicy::Create)
+        .reconnect(quick_reconnect())
+        .connect()
+        .await
+        .expect("connect creates the stream");
+    let before = send_and_settle(&sink, "f9c-before", 200).await;
+    assert_all_ok(&before);
+    js.delete_stream(STREAM).await.expect("delete stream");
+    let after = send_and_settle(&sink, "f9c-after", 300).await;
+    assert_all_ok(&after);
+    let info = js
+        .get_stream(STREAM)
+        .await
+        .expect("the driver re-created the stream")
+        .info()
+        .await
+        .expect("info")
+        .clone();
+    assert_eq!(info.config.max_age, Duration::from_secs(90 * 24 * 3600));
+    let report = audit_of(&server.url(), &after).await;
+    report.assert_passed();
+    assert_eq!(report.stored, 300);
+    let close = sink.close(Duration::from_secs(5)).await;
+    assert!(close.complete(), "{close:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn create_policy_recreates_a_deleted_stream_and_delivers_on_2_9() {
+    stream_deleted_mid_run_with_create(ServerVersion::V2_9).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn create_policy_recreates_a_deleted_stream_and_delivers_on_2_15() {
+    stream_deleted_mid_run_with_create(ServerVersion::V2_15).await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// F14: initial connect while the server is down
+
+/// A server that has been started (so its port and store exist), given a stream, and killed.
+async fn down_server(version: ServerVersion) -> NatsServer {
+    let mut server = server(version).await;
+    let js = js_of(server.connect().await.expect("client"));
+    js.create_stream(new_stream_config(STREAM, vec!["t.events.*.v1".into()]))
+        .await
+        .expect("create");
+    server.kill().await.expect("kill");
+    server
+}
+
+async fn connect_refused_without_retry(version: ServerVersion) {
+    let server = down_server(version).await;
+    let started = Instant::now();
+    let result = tokio::time::timeout(
+        Duration::from_secs(20),
+        builder(&server.url())
+            .stream_policy(StreamPolicy::Verify)
+            .retry_initial_connect(false)
+            .connect(),
+    )
+    .await
+    .expect("I5: connect fails within 20 s");
+    let err = result.expect_err("the server is down");
+    assert!(matches!(err, StartError::Connect { .. }), "{err:?}");
+    let text = err.to_string();
+    assert!(text.contains(&server.port().to_string()), "{text}");
+    println!(
+        "F14 {version}: failed after {:?}: {text}",
+        started.elapsed()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connect_to_a_down_server_fails_with_a_connect_error_on_2_9() {
+    connect_refused_without_retry(ServerVersion::V2_9).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connect_to_a_down_server_fails_with_a_connect_error_on_2_15() {
+    connect_refused_without_retry(ServerVersion::V2_15).await;
+}
+
+async fn starts_and_queues_until_the_server_comes_up(version: ServerVersion) {
+    let mut server = down_server(version).await;
+    let sink = tokio::time::timeout(
+        Duration::from_secs(10),
+        builder(&server.url())
+            .stream_policy(StreamPolicy::Off)
+            .retry_initial_connect(true)
+            .reconnect(quick_reconnect())
+            .connect(),
+    )
+    .await
+    .expect("I5: connect returns while the server is down")
+    .expect("starts without the server");
+    let mut pending = Vec::new();
+    for i in 0..500 {
+        let e = event("f14", i, 3);
+        let p = sink.send(e.clone()).await.expect("queued");
+        pending.push((e, p));
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(sink.health().queued, 500, "{:?}", sink.health());
+    server.restart().await.expect("server comes up");
+    let sent = outcomes(pending).await;
+    assert_all_ok(&sent);
+    let report = audit(&server.url(), &sent).await;
+    report.assert_passed();
+    assert_eq!(report.stored, 500);
+    let close = sink.close(Duration::from_secs(5)).await;
+    assert!(close.complete(), "{close:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retry_initial_connect_starts_queues_and_delivers_once_the_server_is_up_on_2_9() {
+    starts_and_queues_until_the_server_comes_up(ServerVersion::V2_9).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retry_initial_connect_starts_queues_and_delivers_once_the_server_is_up_on_2_15() {
+    starts_and_queues_until_the_server_comes_up(ServerVersion::V2_15).await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// F15: lame duck mid-stream, then restart
+
+async fn lame_duck_mid_stream(version: ServerVersion) {
+    let mut server = NatsServer::start(ServerOptions {
+        extra_config: "lame_duck_grace_period: 1s\n".into(),
+        ..ServerOptions::version(version)
+    })
+    .await
+    .expect("start");
+    let sink = builder(&server.url())
+        .ack_timeout(Duration::from_secs(1))
+        .reconnect(quick_reconnect())
+        .connect()
+        .await
+        .expect("connect");
+    // ~3 s of sending, so events keep coming after the server closes the connection.
+    let (task, accepted) = send_paced(&sink, "f15", 2000, Duration::from_millis(30));
+    wait_accepted(&accepted, 500).await;
+    server.lame_duck().await.expect("lame duck");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let during = sink.health();
+    println!("F15 {version}: health in lame duck: {during:?}");
+    assert!(during.queued > 0, "{during:?}");
+    server.restart().await.expect("restart");
+    let pending = task.await.expect("sender task");
+    let sent = outcomes(pending).await;
+    assert_all_ok(&sent);
+    println!(
+        "F15 {version}: duplicate acks {}, ordering {:?}",
+        duplicate_acks(&sent),
+        sink.health().ordering
+    );
+    let report = audit(&server.url(), &sent).await;
+    report.assert_passed();
+    assert_eq!(report.stored, 2000);
+    let close = sink.close(Duration::from_secs(5)).await;
+    assert!(close.complete(), "{close:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lame_duck_mid_stream_then_restart_keeps_every_invariant_on_2_9() {
+    lame_duck_mid_stream(ServerVersion::V2_9).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lame_duck_mid_stream_then_restart_keeps_every_invariant_on_2_15() {
+    lame_duck_mid_stream(ServerVersion::V2_15).await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// F16: oversized event
+
+async fn oversized_event(version: ServerVersion) {
+    let server = NatsServer::start(ServerOptions {
+        max_payload: Some(64 * 1024),
+        ..ServerOptions::version(version)
+    })
+    .await
+    .expect("start");
+    let sink = builder(&server.url()).connect().await.expect("connect");
+    let mut sent = Vec::new();
+    for i in 0..50 {
+        let e = event("f16", i, 2);
+        let outcome = sink.emit(&e).await;
+        sent.push(Sent { event: e, outcome });
+    }
+    let big = CloudEvent::new("f16-big", "/test/f16", "com.example.test.v1").with_data_json(
+        serde_json::json!({ "tenantId": "tenant-0", "blob": "y".repeat(100 * 1024) }),
+    );
+    let outcome = tokio::time::timeout(Duration::from_secs(5), sink.emit(&big))
+        .await
+        .expect("I5: refused at once");
+    match &outcome {
+        Err(EmitError::TooLarge {
+            event_id,
+            size,
+            max_payload,
+        }) => {
+            assert_eq!(event_id, "f16-big");
+            assert_eq!(*max_payload, 64 * 1024);
+            assert!(*size > 100 * 1024, "{size}");
+        }
+        other => panic!("expected TooLarge, got {other:?}"),
+    }
+    sent.push(Sent {
+        event: big,
+        outcome,
+    });
+    for i in 50..100 {
+        let e = event("f16", i, 2);
+        let outcome = sink.emit(&e).await;
+        sent.push(Sent { event: e, outcome });
+    }
+    assert!(sent
+        .iter()
+        .filter(|s| s.event.id != "f16-big")
+        .all(|s| s.outcome.is_ok()));
+    assert_eq!(sink.health().breaker, BreakerStatus::Closed);
+    let report = audit(&server.url(), &sent).await;
+    report.assert_passed();
+    assert_eq!(report.stored, 100);
+    assert_eq!(report.not_delivered.len(), 1, "{report}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_event_fails_alone_before_sending_on_2_9() {
+    oversized_event(ServerVersion::V2_9).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_event_fails_alone_before_sending_on_2_15() {
+    oversized_event(ServerVersion::V2_15).await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// F17: invalid tenant tokens
+
+fn tenant_event(id: String, tenant: &str) -> CloudEvent {
+    CloudEvent::new(id, "/test/f17", "com.example.test.v1")
+        .with_data_json(serde_json::json!({ "tenantId": tenant, "note": "z" }))
+}
+
+fn is_valid_token(t: &str) -> bool {
+    (1..=64).contains(&t.len())
+        && t.chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+}
+
+async fn invalid_tenants(version: ServerVersion) {
+    let server = server(version).await;
+    let sink = builder(&server.url()).connect().await.expect("connect");
+    let long = "a".repeat(300);
+    let bad = [
+        "a.b",
+        "*",
+        ">",
+        "",
+        " ",
+        "acme corp",
+        "tab\there",
+        "$SYS",
+        long.as_str(),
+        "nul\u{0}",
+        "line\nbreak",
+        "del\u{7f}",
+        "ümlaut",
+        "x.>",
+    ];
+    let mut sent = Vec::new();
+    for (i, tenant) in bad.iter().enumerate() {
+        let good = tenant_event(format!("f17-good-{i}"), &format!("tenant-{}", i % 3));
+        let outcome = sink.emit(&good).await;
+        sent.push(Sent {
+            event: good,
+            outcome,
+        });
+        let e = tenant_event(format!("f17-bad-{i}"), tenant);
+        let outcome = tokio::time::timeout(Duration::from_secs(5), sink.emit(&e))
+            .await
+            .expect("I5");
+        match &outcome {
+            Err(EmitError::Subject { event_id, .. }) => assert_eq!(event_id, &e.id),
+            other => panic!("tenant {tenant:?}: expected EmitError::Subject, got {other:?}"),
+        }
+        assert_eq!(sink.health().breaker, BreakerStatus::Closed, "{tenant:?}");
+        sent.push(Sent { event: e, outcome });
+    }
+    for s in sent.iter().filter(|s| s.event.id.starts_with("f17-good")) {
+        assert!(s.outcome.is_ok(), "{}: {:?}", s.event.id, s.outcome);
+    }
+    let report = audit(&server.url(), &sent).await;
+    report.assert_passed();
+    assert_eq!(
+        report.stored,
+        bad.len(),
+        "only the valid tenants' events are stored"
+    );
+    assert_eq!(report.not_delivered.len(), bad.len());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalid_tenant_tokens_fail_alone_and_other_tenants_are_delivered_on_2_9() {
+    invalid_tenants(ServerVersion::V2_9).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalid_tenant_tokens_fail_alone_and_other_tenants_are_delivered_on_2_15() {
+    invalid_tenants(ServerVersion::V2_15).await;
+}
+
+/// Arbitrary tenant strings against one server: a valid token is delivered, anything else fails
+/// alone with `EmitError::Subject`; the breaker never moves and the audit passes.
+fn arbitrary_tenants(version: ServerVersion) {
+    use proptest::prelude::*;
+    use proptest::test_runner::{Config, TestRunner};
+
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let server = rt.block_on(server(version));
+    let sink = rt
+        .block_on(builder(&server.url()).connect())
+        .expect("connect");
+    let sent = std::sync::Mutex::new(Vec::new());
+    let strategy = prop_oneof![
+        any::<String>(),
+        "[A-Za-z0-9_-]{1,64}",
+        "[A-Za-z0-9_.*>$ \t-]{0,70}",
+    ];
+    let mut runner = TestRunner::new(Config {
+        cases: 32,
+        failure_persistence: None,
+        ..Config::default()
+    });
+    let result = runner.run(&strategy, |tenant| {
+        let mut sent = sent.lock().unwrap();
+        let e = tenant_event(format!("f17p-{:04}", sent.len()), &tenant);
+        let outcome = rt.block_on(async {
+            tokio::time::timeout(Duration::from_secs(10), sink.emit(&e))
+                .await
+                .expect("I5")
+        });
+        if is_valid_token(&tenant) {
+            prop_assert!(outcome.is_ok(), "{tenant:?}: {outcome:?}");
+        } else {
+            prop_assert!(
+                matches!(outcome, Err(EmitError::Subject { .. })),
+                "{tenant:?}: {outcome:?}"
+            );
+        }
+        prop_assert_eq!(sink.health().breaker, BreakerStatus::Closed);
+        sent.push(Sent { event: e, outcome });
+        Ok(())
+    });
+    if let Err(e) = result {
+        panic!("{e}");
+    }
+    let sent = sent.into_inner().unwrap();
+    let report = rt.block_on(audit(&server.url(), &sent));
+    report.assert_passed();
+    println!(
+        "F17 proptest {version}: {} cases, {} valid stored, {} refused",
+        sent.len(),
+        report.stored,
+        report.not_delivered.len()
+    );
+}
+
+#[test]
+fn arbitrary_tenant_strings_are_delivered_iff_they_are_one_valid_token_on_2_9() {
+    arbitrary_tenants(ServerVersion::V2_9);
+}
+
+#[test]
+fn arbitrary_tenant_strings_are_delivered_iff_they_are_one_valid_token_on_2_15() {
+    arbitrary_tenants(ServerVersion::V2_15);
+}
