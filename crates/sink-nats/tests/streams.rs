@@ -1,0 +1,165 @@
+//! F10 on real servers: stream drift is refused with every violation named, the retention floor's
+//! edges are accepted, and the Create policy never mutates an existing stream.
+
+mod common;
+
+use std::time::Duration;
+
+use async_nats::jetstream::stream::{Config, StorageType};
+use common::*;
+use sink_nats::{new_stream_config, StartError, StreamPolicy};
+use sink_testkit::{NatsServer, ServerVersion};
+
+const DAY: Duration = Duration::from_secs(24 * 3600);
+
+async fn jetstream(server: &NatsServer) -> async_nats::jetstream::Context {
+    async_nats::jetstream::new(server.connect().await.expect("client"))
+}
+
+/// max_age 30 d, a 100 ms duplicate window, memory storage.
+fn drifted() -> Config {
+    Config {
+        max_age: DAY * 30,
+        duplicate_window: Duration::from_millis(100),
+        storage: StorageType::Memory,
+        ..new_stream_config(STREAM, vec!["t.events.*.v1".into()])
+    }
+}
+
+async fn stored_config(js: &async_nats::jetstream::Context) -> Config {
+    js.get_stream(STREAM)
+        .await
+        .expect("stream exists")
+        .info()
+        .await
+        .expect("info")
+        .config
+        .clone()
+}
+
+async fn drift_is_refused(version: ServerVersion, policy: StreamPolicy) {
+    let server = server(version).await;
+    let js = jetstream(&server).await;
+    js.create_stream(drifted()).await.expect("create drifted");
+    let before = stored_config(&js).await;
+    let err = builder(&server.url())
+        .stream_policy(policy)
+        .connect()
+        .await
+        .expect_err("a drifted stream is refused");
+    let StartError::StreamViolations { stream, violations } = &err else {
+        panic!("expected StreamViolations, got {err:?}");
+    };
+    assert_eq!(stream, STREAM);
+    let mut fields: Vec<&str> = violations.iter().map(|v| v.field()).collect();
+    fields.sort_unstable();
+    assert_eq!(fields, ["duplicate_window", "max_age", "storage"], "{err}");
+    let text = err.to_string();
+    println!("F10 {version} {policy:?}:\n{text}");
+    // Each violation is named with the found and the required value. The builder's retry span is
+    // 2 s ack timeout * 3 attempts + 100 ms + 400 ms = 6.5 s.
+    for needle in [
+        STREAM,
+        "max_age",
+        "30d",
+        "90d",
+        "duplicate_window",
+        "100ms",
+        "6s500ms",
+        "storage",
+        "memory",
+        "file",
+    ] {
+        assert!(text.contains(needle), "missing {needle:?} in:\n{text}");
+    }
+    let after = stored_config(&js).await;
+    assert_eq!(after.max_age, before.max_age, "never mutated");
+    assert_eq!(after.duplicate_window, before.duplicate_window);
+    assert_eq!(after.storage, StorageType::Memory);
+    assert_eq!(after.max_age, DAY * 30);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn verify_names_each_drifted_setting_with_found_and_required_on_2_9() {
+    drift_is_refused(ServerVersion::V2_9, StreamPolicy::Verify).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn verify_names_each_drifted_setting_with_found_and_required_on_2_15() {
+    drift_is_refused(ServerVersion::V2_15, StreamPolicy::Verify).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn create_refuses_a_drifted_stream_and_leaves_it_unchanged_on_2_9() {
+    drift_is_refused(ServerVersion::V2_9, StreamPolicy::Create).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn create_refuses_a_drifted_stream_and_leaves_it_unchanged_on_2_15() {
+    drift_is_refused(ServerVersion::V2_15, StreamPolicy::Create).await;
+}
+
+async fn retention_edges_are_accepted(version: ServerVersion) {
+    for max_age in [Duration::ZERO, DAY * 90] {
+        let server = server(version).await;
+        let js = jetstream(&server).await;
+        js.create_stream(Config {
+            max_age,
+            ..new_stream_config(STREAM, vec!["t.events.*.v1".into()])
+        })
+        .await
+        .expect("create");
+        let sink = builder(&server.url())
+            .stream_policy(StreamPolicy::Verify)
+            .connect()
+            .await
+            .unwrap_or_else(|e| panic!("max_age {max_age:?} meets the floor: {e}"));
+        let receipt = sink.emit(&event("edge", 0, 1)).await.expect("delivered");
+        assert_eq!(receipt.sequence, 1);
+        assert_eq!(stored_config(&js).await.max_age, max_age);
+        let close = sink.close(Duration::from_secs(5)).await;
+        assert!(close.complete(), "{close:?}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn verify_accepts_unlimited_and_exactly_90_days_on_2_9() {
+    retention_edges_are_accepted(ServerVersion::V2_9).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn verify_accepts_unlimited_and_exactly_90_days_on_2_15() {
+    retention_edges_are_accepted(ServerVersion::V2_15).await;
+}
+
+async fn a_second_short_of_the_floor_is_refused(version: ServerVersion) {
+    let server = server(version).await;
+    let js = jetstream(&server).await;
+    js.create_stream(Config {
+        max_age: DAY * 90 - Duration::from_secs(1),
+        ..new_stream_config(STREAM, vec!["t.events.*.v1".into()])
+    })
+    .await
+    .expect("create");
+    let err = builder(&server.url())
+        .stream_policy(StreamPolicy::Verify)
+        .connect()
+        .await
+        .expect_err("below the floor");
+    let StartError::StreamViolations { violations, .. } = &err else {
+        panic!("expected StreamViolations, got {err:?}");
+    };
+    assert_eq!(violations.len(), 1, "{err}");
+    assert_eq!(violations[0].field(), "max_age");
+    assert!(err.to_string().contains("89d23h59m59s"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn verify_refuses_a_second_short_of_90_days_on_2_9() {
+    a_second_short_of_the_floor_is_refused(ServerVersion::V2_9).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn verify_refuses_a_second_short_of_90_days_on_2_15() {
+    a_second_short_of_the_floor_is_refused(ServerVersion::V2_15).await;
+}
