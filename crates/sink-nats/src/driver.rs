@@ -161,6 +161,16 @@ pub(crate) async fn start(config: &SinkConfig, subjects: &Subjects) -> Result<St
             }
         }
     })?;
+    if config.retry_initial_connect {
+        // With retry-on-initial-connect the client returns before its first connection (always,
+        // even when the server is up) and knows no server info yet. Give that connection one
+        // connect timeout so a reachable server still gets its stream checked and its
+        // max_payload read; only a server that stays down starts the sink unchecked.
+        let deadline = Instant::now() + config.connect_timeout;
+        while client.server_info().server_id.is_empty() && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
     let info = client.server_info();
     let mut duplicate_window = None;
     if config.stream_policy != StreamPolicy::Off && !info.server_id.is_empty() {

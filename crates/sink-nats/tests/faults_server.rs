@@ -745,3 +745,42 @@ fn arbitrary_tenant_strings_are_delivered_iff_they_are_one_valid_token_on_2_9() 
 fn arbitrary_tenant_strings_are_delivered_iff_they_are_one_valid_token_on_2_15() {
     arbitrary_tenants(ServerVersion::V2_15);
 }
+
+/// With `retry_initial_connect(true)` and the server up, the stream policy still applies: the
+/// client's first connection happens in the background, and the sink must wait for it instead of
+/// skipping the check.
+async fn retry_initial_connect_still_verifies_a_reachable_server(version: ServerVersion) {
+    let server = server(version).await;
+    let err = tokio::time::timeout(
+        Duration::from_secs(10),
+        builder(&server.url())
+            .stream_policy(StreamPolicy::Verify)
+            .retry_initial_connect(true)
+            .connect(),
+    )
+    .await
+    .expect("I5")
+    .expect_err("no stream, Verify");
+    assert!(
+        matches!(err, StartError::StreamMissing { .. }),
+        "expected StreamMissing, got {err:?}"
+    );
+    let sink = builder(&server.url())
+        .stream_policy(StreamPolicy::Create)
+        .retry_initial_connect(true)
+        .connect()
+        .await
+        .expect("Create makes the stream");
+    assert_eq!(sink.health().server_version, version.as_str());
+    sink.emit(&event("f14v", 0, 1)).await.expect("delivered");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retry_initial_connect_still_verifies_the_stream_when_the_server_is_up_on_2_9() {
+    retry_initial_connect_still_verifies_a_reachable_server(ServerVersion::V2_9).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retry_initial_connect_still_verifies_the_stream_when_the_server_is_up_on_2_15() {
+    retry_initial_connect_still_verifies_a_reachable_server(ServerVersion::V2_15).await;
+}
