@@ -446,6 +446,7 @@ async fn connect_to_a_down_server_fails_with_a_connect_error_on_2_15() {
 
 async fn starts_and_queues_until_the_server_comes_up(version: ServerVersion) {
     let mut server = down_server(version).await;
+    let started = Instant::now();
     let sink = tokio::time::timeout(
         Duration::from_secs(10),
         builder(&server.url())
@@ -457,6 +458,10 @@ async fn starts_and_queues_until_the_server_comes_up(version: ServerVersion) {
     .await
     .expect("I5: connect returns while the server is down")
     .expect("starts without the server");
+    println!(
+        "F14 {version}: connect returned after {:?} with the server down",
+        started.elapsed()
+    );
     let mut pending = Vec::new();
     for i in 0..500 {
         let e = event("f14", i, 3);
