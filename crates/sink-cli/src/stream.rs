@@ -1,0 +1,241 @@
+//! `jetsink stream ensure|verify`: the stream's facts against the sink's requirements, as a table.
+
+use std::process::ExitCode;
+
+use anyhow::Context as _;
+use async_nats::jetstream;
+use clap::{Args, Subcommand};
+use sink_core::stream::{verify, StreamFacts, StreamRequirements, Violation};
+use sink_nats::{connect_client, facts_from_info, new_stream_config, stream_requirements};
+
+use crate::config::Common;
+use crate::output::{duration, Table};
+
+/// Stream subcommands.
+#[derive(Subcommand, Debug)]
+pub enum StreamCommand {
+    /// Create the stream if it is missing (file storage, max_age 90d, duplicate window 2m),
+    /// then verify it; an existing stream is never changed
+    Ensure(StreamArgs),
+    /// Check the stream against the requirements (subjects, retention floor, duplicate window,
+    /// storage, acks, limits); exit 1 on any violation
+    Verify(StreamArgs),
+}
+
+/// Options of `stream ensure` / `stream verify`.
+#[derive(Args, Debug)]
+pub struct StreamArgs {
+    /// Retention floor in days: max_age must be 0 (unlimited) or at least this
+    #[arg(long, value_name = "DAYS", default_value_t = 90)]
+    pub retention_floor_days: u64,
+}
+
+/// What a stream lookup found.
+pub enum Lookup {
+    /// The stream exists.
+    Found(StreamFacts),
+    /// No stream by that name.
+    Missing,
+}
+
+/// Reads a stream's facts; `Missing` when the server says it does not exist.
+pub async fn lookup(js: &jetstream::Context, name: &str) -> anyhow::Result<Lookup> {
+    match js.get_stream(name).await {
+        Ok(mut stream) => {
+            let info = stream
+                .info()
+                .await
+                .with_context(|| format!("cannot read the info of stream {name}"))?;
+            Ok(Lookup::Found(facts_from_info(info.clone())))
+        }
+        Err(e) => {
+            let text = e.to_string();
+            if text.contains("not found") || text.contains("10059") {
+                Ok(Lookup::Missing)
+            } else {
+                Err(anyhow::anyhow!("cannot look up stream {name}: {text}"))
+            }
+        }
+    }
+}
+
+/// Runs `stream ensure` or `stream verify`.
+pub async fn run(command: StreamCommand, common: &Common) -> anyhow::Result<ExitCode> {
+    let (args, create) = match command {
+        StreamCommand::Ensure(args) => (args, true),
+        StreamCommand::Verify(args) => (args, false),
+    };
+    let mut config = common.sink_config()?;
+    config.retention_floor = std::time::Duration::from_secs(args.retention_floor_days * 86_400);
+    let req = stream_requirements(&config)?;
+    let client = connect_client(&config).await?;
+    let js = jetstream::new(client);
+    let facts = match lookup(&js, &config.stream).await? {
+        Lookup::Found(facts) => facts,
+        Lookup::Missing if create => {
+            let stream_config = new_stream_config(&config.stream, req.subject_filters.clone());
+            let mut created = js
+                .create_stream(stream_config)
+                .await
+                .with_context(|| format!("cannot create stream {}", config.stream))?;
+            let info = created
+                .info()
+                .await
+                .with_context(|| format!("cannot read the info of new stream {}", config.stream))?;
+            println!(
+                "created stream {} (subjects {})",
+                config.stream,
+                req.subject_filters.join(", ")
+            );
+            facts_from_info(info.clone())
+        }
+        Lookup::Missing => {
+            println!(
+                "stream {} does not exist; create it with `jetsink stream ensure`",
+                config.stream
+            );
+            return Ok(ExitCode::from(1));
+        }
+    };
+    let violations = verify(&facts, &req);
+    print!("{}", report(&facts, &req, &violations));
+    Ok(if violations.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
+}
+
+/// The facts table followed by one line per violation (or a verdict that the stream is fit).
+pub fn report(facts: &StreamFacts, req: &StreamRequirements, violations: &[Violation]) -> String {
+    let mut out = format!("stream {}\n\n", facts.name);
+    out.push_str(&facts_table(facts, req, violations).to_string());
+    out.push('\n');
+    if violations.is_empty() {
+        out.push_str("stream meets every requirement\n");
+    } else {
+        out.push_str(&format!("{} violation(s):\n", violations.len()));
+        for v in violations {
+            out.push_str(&format!("  - {v}\n"));
+        }
+    }
+    out
+}
+
+/// One row per checked field: found value, required value, `ok` or `VIOLATION`.
+pub fn facts_table(
+    facts: &StreamFacts,
+    req: &StreamRequirements,
+    violations: &[Violation],
+) -> Table {
+    let bad = |field: &str| violations.iter().any(|v| v.field() == field);
+    let status = |field: &str| if bad(field) { "VIOLATION" } else { "ok" };
+    let limit = |n: i64| {
+        if n <= 0 {
+            "unlimited".to_owned()
+        } else {
+            n.to_string()
+        }
+    };
+    let age = |d: std::time::Duration| {
+        if d.is_zero() {
+            "0 (unlimited)".to_owned()
+        } else {
+            duration(d)
+        }
+    };
+    let mut t = Table::new(["field", "found", "required", "status"]);
+    t.row([
+        "subjects".to_owned(),
+        facts.subjects.join(", "),
+        format!("covers {}", req.subject_filters.join(", ")),
+        status("subjects").to_owned(),
+    ]);
+    t.row([
+        "max_age".to_owned(),
+        age(facts.max_age),
+        format!(">= {} or 0 (unlimited)", duration(req.retention_floor)),
+        status("max_age").to_owned(),
+    ]);
+    t.row([
+        "retention".to_owned(),
+        facts.retention.to_string(),
+        "limits".to_owned(),
+        status("retention").to_owned(),
+    ]);
+    t.row([
+        "duplicate_window".to_owned(),
+        duration(facts.duplicate_window),
+        format!(">= {}", duration(req.min_duplicate_window)),
+        status("duplicate_window").to_owned(),
+    ]);
+    t.row([
+        "storage".to_owned(),
+        facts.storage.to_string(),
+        req.storage.map_or("any".to_owned(), |s| s.to_string()),
+        status("storage").to_owned(),
+    ]);
+    t.row([
+        "sealed".to_owned(),
+        facts.sealed.to_string(),
+        "false".to_owned(),
+        status("sealed").to_owned(),
+    ]);
+    t.row([
+        "no_ack".to_owned(),
+        facts.no_ack.to_string(),
+        "false".to_owned(),
+        status("no_ack").to_owned(),
+    ]);
+    t.row([
+        "num_replicas".to_owned(),
+        facts.replicas.to_string(),
+        format!(">= {}", req.min_replicas),
+        status("num_replicas").to_owned(),
+    ]);
+    t.row([
+        "discard".to_owned(),
+        facts.discard.to_string(),
+        "-".to_owned(),
+        "ok".to_owned(),
+    ]);
+    t.row([
+        "max_msgs".to_owned(),
+        limit(facts.max_msgs),
+        "unlimited, or discard new".to_owned(),
+        status("max_msgs").to_owned(),
+    ]);
+    t.row([
+        "max_bytes".to_owned(),
+        limit(facts.max_bytes),
+        "unlimited, or discard new".to_owned(),
+        status("max_bytes").to_owned(),
+    ]);
+    t.row([
+        "max_msg_size".to_owned(),
+        limit(i64::from(facts.max_msg_size)),
+        "-".to_owned(),
+        "ok".to_owned(),
+    ]);
+    t
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    #[test]
+    fn drifted_stream_renders_found_and_required() {
+        let req = StreamRequirements::for_subject_filter(
+            "cellos.events.*.v1",
+            Duration::from_millis(15_500),
+        );
+        let mut facts = StreamFacts::recommended("CELLOS_EVENTS", vec!["cellos.events.>".into()]);
+        facts.max_age = Duration::from_secs(30 * 86_400);
+        facts.storage = sink_core::stream::StorageKind::Memory;
+        let violations = verify(&facts, &req);
+        insta::assert_snapshot!(report(&facts, &req, &violations));
+    }
+}
