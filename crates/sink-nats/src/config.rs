@@ -113,8 +113,9 @@ pub enum OrderingKey {
     Subject,
 }
 
-/// Everything a sink needs; build it with [`crate::SinkBuilder`].
-#[derive(Debug, Clone)]
+/// Everything a sink needs; build it with [`crate::SinkBuilder`]. Its `Debug` redacts URL
+/// credentials.
+#[derive(Clone)]
 pub struct SinkConfig {
     /// Server URLs (`nats://host:port`, `tls://...`). Credentials in a URL are treated as secrets.
     pub servers: Vec<String>,
@@ -164,6 +165,38 @@ pub struct SinkConfig {
     pub ping_interval: Duration,
     /// Connect timeout per attempt.
     pub connect_timeout: Duration,
+}
+
+impl fmt::Debug for SinkConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let servers: Vec<String> = self.servers.iter().map(|s| redact_url(s)).collect();
+        f.debug_struct("SinkConfig")
+            .field("servers", &servers)
+            .field("name", &self.name)
+            .field("subject_template", &self.subject_template)
+            .field("default_tenant", &self.default_tenant)
+            .field("max_token_len", &self.max_token_len)
+            .field("stream", &self.stream)
+            .field("stream_policy", &self.stream_policy)
+            .field("retention_floor", &self.retention_floor)
+            .field("ordering", &self.ordering)
+            .field("ordering_key", &self.ordering_key)
+            .field("window", &self.window)
+            .field("max_events", &self.max_events)
+            .field("max_bytes", &self.max_bytes)
+            .field("when_full", &self.when_full)
+            .field("when_breaker_open", &self.when_breaker_open)
+            .field("ack_timeout", &self.ack_timeout)
+            .field("retry", &self.retry)
+            .field("reconnect", &self.reconnect)
+            .field("encoding", &self.encoding)
+            .field("retry_initial_connect", &self.retry_initial_connect)
+            .field("auth", &self.auth)
+            .field("tls", &self.tls)
+            .field("ping_interval", &self.ping_interval)
+            .field("connect_timeout", &self.connect_timeout)
+            .finish()
+    }
 }
 
 impl Default for SinkConfig {
@@ -240,6 +273,17 @@ mod tests {
         ] {
             assert_eq!(redact_url(url), want, "{url}");
         }
+    }
+
+    #[test]
+    fn config_debug_redacts_url_credentials() {
+        let config = SinkConfig {
+            servers: vec!["nats://svc:hunter2@h:4222".into()],
+            ..SinkConfig::default()
+        };
+        let shown = format!("{config:?}");
+        assert!(!shown.contains("hunter2"), "{shown}");
+        assert!(shown.contains("nats://***@h:4222"), "{shown}");
     }
 
     #[test]

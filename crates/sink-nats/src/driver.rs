@@ -62,7 +62,12 @@ pub(crate) struct Started {
 /// Builds the client options from the config (credentials go only to the client).
 pub(crate) async fn connect_options(config: &SinkConfig) -> Result<ConnectOptions, StartError> {
     let mut opts = match &config.auth {
-        Auth::None => ConnectOptions::new(),
+        // async-nats ignores a URL's userinfo, so hand it over as explicit credentials.
+        Auth::None => match url_credentials(&config.servers) {
+            Some((user, Some(password))) => ConnectOptions::with_user_and_password(user, password),
+            Some((token, None)) => ConnectOptions::with_token(token),
+            None => ConnectOptions::new(),
+        },
         Auth::Token(t) => ConnectOptions::with_token(t.expose().to_owned()),
         Auth::UserPassword { user, password } => {
             ConnectOptions::with_user_and_password(user.clone(), password.expose().to_owned())
@@ -105,6 +110,51 @@ pub(crate) async fn connect_options(config: &SinkConfig) -> Result<ConnectOption
         }))
 }
 
+/// Credentials from the first server URL that carries userinfo: `(user, Some(password))` for
+/// `user:password@`, `(token, None)` for `token@`; percent-decoded.
+fn url_credentials(servers: &[String]) -> Option<(String, Option<String>)> {
+    servers.iter().find_map(|s| {
+        let addr: async_nats::ServerAddr = s.parse().ok()?;
+        let user = percent_decode(addr.username()?);
+        Some((user, addr.password().map(percent_decode)))
+    })
+}
+
+/// The URL without its userinfo (`nats://u:p@h:1` -> `nats://h:1`).
+pub(crate) fn strip_userinfo(url: &str) -> String {
+    let (scheme, rest) = match url.split_once("://") {
+        Some((s, r)) => (format!("{s}://"), r),
+        None => (String::new(), url),
+    };
+    let end = rest.find('/').unwrap_or(rest.len());
+    let (authority, tail) = rest.split_at(end);
+    let host = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
+    format!("{scheme}{host}{tail}")
+}
+
+fn percent_decode(text: &str) -> String {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = bytes
+            .get(i + 1..i + 3)
+            .and_then(|h| std::str::from_utf8(h).ok())
+            .and_then(|h| u8::from_str_radix(h, 16).ok());
+        match (bytes[i], hex) {
+            (b'%', Some(b)) => {
+                out.push(b);
+                i += 3;
+            }
+            (b, _) => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
 fn check_readable(what: &'static str, path: &std::path::Path) -> Result<(), StartError> {
     std::fs::metadata(path)
         .and_then(|m| {
@@ -139,7 +189,8 @@ pub(crate) async fn start(config: &SinkConfig, subjects: &Subjects) -> Result<St
         .servers
         .iter()
         .map(|s| {
-            s.parse().map_err(|_| StartError::Config {
+            // The credentials went into the options; the client logs its addresses.
+            strip_userinfo(s).parse().map_err(|_| StartError::Config {
                 field: "servers",
                 problem: format!(
                     "`{}` is not a NATS URL; use nats://host:port or tls://host:port",
@@ -773,6 +824,22 @@ fn parse_reply_subject(subject: &str, inbox: &str) -> Option<(u64, u32)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn url_userinfo_becomes_credentials() {
+        let servers = |s: &[&str]| s.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        assert_eq!(url_credentials(&servers(&["nats://h:4222"])), None);
+        assert_eq!(
+            url_credentials(&servers(&["nats://h:1", "nats://svc:p%40ss@h:2"])),
+            Some(("svc".into(), Some("p@ss".into())))
+        );
+        assert_eq!(
+            url_credentials(&servers(&["nats://t0ken@h:1"])),
+            Some(("t0ken".into(), None))
+        );
+        assert_eq!(strip_userinfo("nats://u:p@h:1"), "nats://h:1");
+        assert_eq!(strip_userinfo("h:1"), "h:1");
+    }
 
     #[test]
     fn reply_subjects_round_trip() {

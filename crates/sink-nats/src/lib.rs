@@ -68,10 +68,12 @@ pub async fn connect_client(config: &SinkConfig) -> Result<async_nats::Client, S
         .servers
         .iter()
         .map(|s| {
-            s.parse().map_err(|_| StartError::Config {
-                field: "servers",
-                problem: format!("`{}` is not a NATS URL", redact_url(s)),
-            })
+            driver::strip_userinfo(s)
+                .parse()
+                .map_err(|_| StartError::Config {
+                    field: "servers",
+                    problem: format!("`{}` is not a NATS URL", redact_url(s)),
+                })
         })
         .collect::<Result<_, _>>()?;
     opts.connect(addrs).await.map_err(|e| {
