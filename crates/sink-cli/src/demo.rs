@@ -52,16 +52,10 @@ fn parse_version(s: &str) -> Result<ServerVersion, String> {
     }
 }
 
-/// Whether the user named a broker (flag or `NATS_URL`); otherwise the demo starts its own.
-fn url_given_explicitly() -> bool {
-    std::env::var_os("NATS_URL").is_some()
-        || std::env::args().any(|a| a == "--url" || a.starts_with("--url="))
-}
-
 /// The broker the demo runs against and how it takes it down.
 enum Broker {
     /// A nats-server the demo started: killed with SIGKILL and restarted on the same port and store.
-    Local(NatsServer),
+    Local(Box<NatsServer>),
     /// Someone else's server: the outage is simulated by a loopback proxy that resets every
     /// connection and refuses new ones.
     External(FaultProxy),
@@ -87,15 +81,17 @@ pub async fn run(args: DemoArgs, common: &crate::config::Common) -> anyhow::Resu
     );
     let total_start = Instant::now();
 
-    let (broker, builder) = if url_given_explicitly() {
+    // A broker named by flag or NATS_URL is used as is; otherwise the demo brings its own.
+    let (broker, builder) = if common.url.is_some() {
         let mut config = common.sink_config()?;
-        let upstream = host_port(&common.url)?;
+        let url = config.servers.first().cloned().context("no server URL")?;
+        let upstream = host_port(&url)?;
         let proxy = FaultProxy::start(upstream.as_str())
             .await
             .with_context(|| format!("starting a loopback proxy to {upstream}"))?;
         println!(
             "demo: using the server at {} through a loopback proxy {} (the outage resets and refuses connections)",
-            sink_nats::redact_url(&common.url),
+            sink_nats::redact_url(&url),
             proxy.url()
         );
         config.servers = vec![proxy.url()];
@@ -112,7 +108,7 @@ pub async fn run(args: DemoArgs, common: &crate::config::Common) -> anyhow::Resu
             server.store_dir().display()
         );
         let url = server.url();
-        (Broker::Local(server), JetStreamSink::builder(url))
+        (Broker::Local(Box::new(server)), JetStreamSink::builder(url))
     };
 
     // A stream left by an earlier demo would show up as unexpected messages in the audit.
