@@ -54,6 +54,9 @@ struct Row {
     secs: f64,
     /// Whether the row is a jetsink mode (gets the ratio to serial).
     jetsink: bool,
+    /// Seconds until the last publish (or `send`) returned; the rest is waiting for acks.
+    /// Close to `secs` means the caller side is the limit, well below it the broker/ack path.
+    submit_secs: f64,
 }
 
 impl Row {
@@ -273,6 +276,7 @@ impl Bench {
                 .await
                 .context("core publish")?;
         }
+        let submit_secs = start.elapsed().as_secs_f64();
         self.client.flush().await.context("flush")?;
         let mut handle = self.js.get_stream(&stream).await?;
         let deadline = start + Duration::from_secs(120);
@@ -295,6 +299,7 @@ impl Bench {
             events: n,
             secs,
             jetsink: false,
+            submit_secs,
         })
     }
 
@@ -313,12 +318,14 @@ impl Bench {
                 .context("ack")?;
         }
         let secs = start.elapsed().as_secs_f64();
+        let submit_secs = secs;
         self.drop_stream(&stream).await;
         Ok(Row {
             name: "serial ack".into(),
             events: n,
             secs,
             jetsink: false,
+            submit_secs,
         })
     }
 
@@ -344,6 +351,7 @@ impl Bench {
                 .context("publish")?;
             acks.push(ack.into_future());
         }
+        let submit_secs = start.elapsed().as_secs_f64();
         while let Some(ack) = acks.next().await {
             ack.context("ack")?;
         }
@@ -354,6 +362,7 @@ impl Bench {
             events: n,
             secs,
             jetsink: false,
+            submit_secs,
         })
     }
 
@@ -400,6 +409,7 @@ impl Bench {
                 pendings.push(sink.send(event).await?);
             }
         }
+        let submit_secs = start.elapsed().as_secs_f64();
         let mut failed: Option<EmitError> = None;
         for pending in pendings {
             if let Err(e) = pending.await {
@@ -423,6 +433,7 @@ impl Bench {
                 events: n,
                 secs,
                 jetsink: true,
+                submit_secs,
             },
             latency,
         ))
@@ -591,10 +602,10 @@ fn print_table(rows: &[Row], latency: Option<Latency>, memory: Option<&Memory>) 
         .map_or(1.0, Row::rate);
     let width = rows.iter().map(|r| r.name.len()).max().unwrap_or(0).max(4);
     println!(
-        "{:<width$}  {:>8}  {:>8}  {:>10}  {:>7}  {:>9}",
-        "row", "events", "secs", "events/s", "vs ref", "vs serial"
+        "{:<width$}  {:>8}  {:>8}  {:>10}  {:>7}  {:>9}  {:>9}",
+        "row", "events", "secs", "events/s", "vs ref", "vs serial", "submit %"
     );
-    println!("{}", "-".repeat(width + 52));
+    println!("{}", "-".repeat(width + 63));
     for r in rows {
         let vs_serial = if r.jetsink {
             format!("{:.1}x", r.rate() / serial)
@@ -602,16 +613,18 @@ fn print_table(rows: &[Row], latency: Option<Latency>, memory: Option<&Memory>) 
             String::new()
         };
         println!(
-            "{:<width$}  {:>8}  {:>8.2}  {:>10.0}  {:>6.2}x  {:>9}",
+            "{:<width$}  {:>8}  {:>8.2}  {:>10.0}  {:>6.2}x  {:>9}  {:>8.0}%",
             r.name,
             r.events,
             r.secs,
             r.rate(),
             r.rate() / reference,
-            vs_serial
+            vs_serial,
+            100.0 * r.submit_secs / r.secs.max(1e-9)
         );
     }
     println!("targets: jetsink >= 0.90x reference, >= 8x serial");
+    println!("submit %: share of the row's time until the last publish/send returned (the rest waits for acks)");
     if let Some(l) = latency {
         println!(
             "send (enqueue) latency, chained run: p50 {:.1} us  p99 {:.1} us  p999 {:.1} us  max {:.0} us  (target p99 <= 20 us)",
@@ -647,6 +660,7 @@ fn to_json(rows: &[Row], latency: Option<Latency>, memory: Option<&Memory>) -> s
             "name": r.name,
             "events": r.events,
             "secs": r.secs,
+            "submit_secs": r.submit_secs,
             "rate": r.rate(),
             "vs_reference": r.rate() / reference,
             "vs_serial": if r.jetsink { Some(r.rate() / serial) } else { None },
