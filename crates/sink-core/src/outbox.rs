@@ -838,6 +838,15 @@ impl Outbox {
     }
 
     fn next_transmit(&mut self, now: Instant) -> Option<Transmit> {
+        // A hold waits for the predecessor's answer. Once that transmission is no longer in flight
+        // (rewound by a rejection or a re-anchor, acked, or gone) there is nothing left to wait for,
+        // and the predecessor itself may need re-sending.
+        if self
+            .hold_behind
+            .is_some_and(|h| self.in_flight_attempt(h).is_none())
+        {
+            self.hold_behind = None;
+        }
         if self.resume_at.is_some_and(|t| now < t) || self.hold_behind.is_some() {
             return None;
         }

@@ -16,7 +16,7 @@ use proptest::prelude::*;
 use proptest::test_runner::Config as ProptestConfig;
 use proptest_state_machine::{prop_state_machine, ReferenceStateMachine, StateMachineTest};
 use sink_core::outbox::{OrderingMode, OutboxConfig, Refused};
-use sink_testkit::strategies::fault;
+use sink_testkit::strategies::{fault, fault_script};
 use sink_testkit::{BrokerConfig, Fault, FaultScript, Outcome, ScriptedBroker, Sim};
 
 const KEYS: u8 = 3;
@@ -67,13 +67,17 @@ enum Transition {
 }
 
 /// The reference: what was asked of the sink, independent of how it got done.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug)]
 struct RefState {
+    /// The outbox window of this run.
+    window: usize,
+    /// The broker's initial fault script (faults by publish index and a seeded random rate).
+    script: FaultScript,
     /// Key of every push attempt, in order; attempt `n` (from 1) carries message id `m<n>`.
     pushes: Vec<String>,
     /// Virtual time the transitions asked for.
     elapsed: Duration,
-    /// Faults injected and not yet consumed by a publish (an upper bound: a publish consumes one).
+    /// Faults injected by transitions.
     injected: usize,
     foreign: u32,
 }
@@ -91,7 +95,16 @@ impl<V: Variant> ReferenceStateMachine for Model<V> {
     type Transition = Transition;
 
     fn init_state() -> BoxedStrategy<RefState> {
-        Just(RefState::default()).boxed()
+        (1usize..=6, fault_script(40, 6, Duration::from_millis(1500)))
+            .prop_map(|(window, script)| RefState {
+                window,
+                script,
+                pushes: Vec::new(),
+                elapsed: Duration::ZERO,
+                injected: 0,
+                foreign: 0,
+            })
+            .boxed()
     }
 
     fn transitions(_state: &RefState) -> BoxedStrategy<Transition> {
@@ -132,9 +145,9 @@ impl<V: Variant> ReferenceStateMachine for Model<V> {
     }
 }
 
-fn outbox_config(ordering: OrderingMode) -> OutboxConfig {
+fn outbox_config(ordering: OrderingMode, window: usize) -> OutboxConfig {
     OutboxConfig {
-        window: 4,
+        window,
         max_events: 12,
         max_bytes: 600,
         ordering,
@@ -163,9 +176,9 @@ impl<V: Variant> StateMachineTest for OutboxUnderFaults<V> {
     type SystemUnderTest = Sim;
     type Reference = Model<V>;
 
-    fn init_test(_ref_state: &RefState) -> Sim {
-        let broker = ScriptedBroker::new(broker_config(), FaultScript::none());
-        Sim::new(outbox_config(V::ORDERING), broker).expect("valid config")
+    fn init_test(ref_state: &RefState) -> Sim {
+        let broker = ScriptedBroker::new(broker_config(), ref_state.script.clone());
+        Sim::new(outbox_config(V::ORDERING, ref_state.window), broker).expect("valid config")
     }
 
     fn apply(mut sim: Sim, ref_state: &RefState, transition: Transition) -> Sim {
@@ -272,9 +285,15 @@ impl<V: Variant> StateMachineTest for OutboxUnderFaults<V> {
             .values()
             .filter(|o| matches!(o, Outcome::Rejected(_)))
             .count();
+        let terminal_faults = sim
+            .broker()
+            .applied_faults()
+            .iter()
+            .filter(|f| matches!(f.fault, Fault::Terminal { .. }))
+            .count();
         assert!(
-            rejected <= ref_state.injected,
-            "rejections only from injected terminal faults"
+            rejected <= terminal_faults,
+            "rejections only from terminal faults"
         );
         if !V::FOREIGN {
             assert_eq!(

@@ -443,3 +443,28 @@ fn reanchor_releases_a_hold_placed_by_a_successor() {
         sim.trace_text()
     );
 }
+
+/// Found by the property suite: a successor's 10070 put transmission on hold behind #2 (lost);
+/// then #1 was rejected, which rewound #2 to pending, but the hold stayed: #2 could never be
+/// re-sent and its ack could never come.
+#[test]
+fn rejection_releases_a_hold_on_a_rewound_event() {
+    let mut sim = sim(
+        config(OrderingMode::Chained, 4),
+        FaultScript::none()
+            .at(0, Fault::Terminal { code: 10054 })
+            .at(0, Fault::DelayReply(Duration::from_millis(5)))
+            .at(1, Fault::DropRequest),
+    );
+    push_n(&mut sim, &["a", "a", "a"]);
+    finish(&mut sim);
+    assert!(matches!(sim.outcomes().get(&1), Some(Outcome::Rejected(_))));
+    assert_eq!(stored_ids(&sim), ["m2", "m3"]);
+    assert!(
+        sim.trace()
+            .iter()
+            .any(|l| l.ends_with("error #3 attempt 1: 10070 wrong last msg ID: ")),
+        "the hold was placed\n{}",
+        sim.trace_text()
+    );
+}

@@ -350,7 +350,8 @@ impl Sim {
             .collect();
         if !missing.is_empty() {
             return Err(format!(
-                "I5: events without an outcome after idle: {missing:?}"
+                "I5: events without an outcome after idle: {missing:?}\noutbox: {:?}",
+                self.outbox
             ));
         }
         if !self.outbox.is_empty() {
