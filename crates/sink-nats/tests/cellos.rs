@@ -4,7 +4,6 @@
 
 mod common;
 
-use cellos_core::ports::EventSink as _;
 use cellos_core::types::CloudEventV1;
 use common::*;
 use sink_testkit::ServerVersion;
