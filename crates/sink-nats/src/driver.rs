@@ -171,6 +171,38 @@ fn check_readable(what: &'static str, path: &std::path::Path) -> Result<(), Star
         })
 }
 
+/// The server list as client addresses, without userinfo: the credentials went into the options,
+/// and the client logs its addresses.
+pub(crate) fn server_addrs(config: &SinkConfig) -> Result<Vec<async_nats::ServerAddr>, StartError> {
+    config
+        .servers
+        .iter()
+        .map(|s| {
+            strip_userinfo(s).parse().map_err(|_| StartError::Config {
+                field: "servers",
+                problem: format!(
+                    "`{}` is not a NATS URL; use nats://host:port or tls://host:port",
+                    crate::config::redact_url(s)
+                ),
+            })
+        })
+        .collect()
+}
+
+/// A client connect error as a start error, credentials scrubbed.
+pub(crate) fn connect_error(e: &async_nats::ConnectError, config: &SinkConfig) -> StartError {
+    let servers = redacted_servers(&config.servers);
+    let text = e.to_string().to_ascii_lowercase();
+    if text.contains("authorization") || text.contains("authentication") {
+        StartError::Authorization { servers }
+    } else {
+        StartError::Connect {
+            servers,
+            reason: scrub(&e.to_string(), config),
+        }
+    }
+}
+
 /// Connects and checks the stream per policy.
 pub(crate) async fn start(config: &SinkConfig, subjects: &Subjects) -> Result<Started, StartError> {
     validate(config)?;
@@ -185,33 +217,11 @@ pub(crate) async fn start(config: &SinkConfig, subjects: &Subjects) -> Result<St
     if config.retry_initial_connect {
         opts = opts.retry_on_initial_connect();
     }
-    let addrs: Vec<async_nats::ServerAddr> = config
-        .servers
-        .iter()
-        .map(|s| {
-            // The credentials went into the options; the client logs its addresses.
-            strip_userinfo(s).parse().map_err(|_| StartError::Config {
-                field: "servers",
-                problem: format!(
-                    "`{}` is not a NATS URL; use nats://host:port or tls://host:port",
-                    crate::config::redact_url(s)
-                ),
-            })
-        })
-        .collect::<Result<_, _>>()?;
-    let client = opts.connect(addrs).await.map_err(|e| {
-        let text = e.to_string().to_ascii_lowercase();
-        if text.contains("authorization") || text.contains("authentication") {
-            StartError::Authorization {
-                servers: servers.clone(),
-            }
-        } else {
-            StartError::Connect {
-                servers: servers.clone(),
-                reason: scrub(&e.to_string(), config),
-            }
-        }
-    })?;
+    let addrs = server_addrs(config)?;
+    let client = opts
+        .connect(addrs)
+        .await
+        .map_err(|e| connect_error(&e, config))?;
     if config.retry_initial_connect {
         // With retry-on-initial-connect the client returns before its first connection (always,
         // even when the server is up) and knows no server info yet. Give that connection one

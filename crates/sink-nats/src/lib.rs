@@ -63,29 +63,9 @@ pub use sink_core::outbox::{BreakerOpenPolicy, OrderingMode};
 /// for tools that need the JetStream API directly (the CLI's `stream` and `audit`).
 pub async fn connect_client(config: &SinkConfig) -> Result<async_nats::Client, StartError> {
     let opts = driver::connect_options(config).await?;
-    let servers = config::redacted_servers(&config.servers);
-    let addrs: Vec<async_nats::ServerAddr> = config
-        .servers
-        .iter()
-        .map(|s| {
-            driver::strip_userinfo(s)
-                .parse()
-                .map_err(|_| StartError::Config {
-                    field: "servers",
-                    problem: format!("`{}` is not a NATS URL", redact_url(s)),
-                })
-        })
-        .collect::<Result<_, _>>()?;
-    opts.connect(addrs).await.map_err(|e| {
-        if e.to_string().to_ascii_lowercase().contains("authoriz") {
-            StartError::Authorization { servers }
-        } else {
-            StartError::Connect {
-                servers,
-                reason: e.kind().to_string(),
-            }
-        }
-    })
+    opts.connect(driver::server_addrs(config)?)
+        .await
+        .map_err(|e| driver::connect_error(&e, config))
 }
 
 /// The stream requirements a sink with this config verifies (for `jetsink stream verify`).
