@@ -125,7 +125,7 @@ fn is_limit_refusal(description: &str) -> bool {
         || d.contains("sealed")
 }
 
-/// Extracts the id from "wrong last msg ID: <id>". An empty id (the server forgot it) gives `None`.
+/// Extracts the id from `"wrong last msg ID: <id>"`. An empty id (the server forgot it) gives `None`.
 pub fn parse_wrong_last_id(description: &str) -> Option<String> {
     let (_, rest) = description.split_once("ID:")?;
     let id = rest.trim();

@@ -4,7 +4,7 @@
 //! against the duplicate window (a duplicate is acknowledged with `duplicate: true` and its
 //! *original* sequence, whatever its expected-last header says), then against the
 //! `Nats-Expected-Last-Msg-Id` header, compared with the stream-wide last stored message id
-//! (mismatch: error 10070 "wrong last msg ID: <actual>"), then stored. Replies are not returned
+//! (mismatch: error 10070 `"wrong last msg ID: <actual>"`), then stored. Replies are not returned
 //! directly: they are scheduled on virtual time and collected with
 //! [`poll_reply`](ScriptedBroker::poll_reply), so latency, delayed, lost and duplicated replies
 //! interleave the way they do on a real connection.
