@@ -278,12 +278,7 @@ pub fn decode(headers: &[(String, String)], body: &[u8]) -> Result<CloudEvent, D
         }
     }
     if let Some(content_type) = content_type {
-        let essence = content_type
-            .split(';')
-            .next()
-            .unwrap_or_default()
-            .trim()
-            .to_ascii_lowercase();
+        let essence = crate::event::media_type_essence(content_type);
         if essence == STRUCTURED_CONTENT_TYPE {
             return CloudEvent::from_json_slice(body).map_err(DecodeError::InvalidEvent);
         }

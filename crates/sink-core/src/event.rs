@@ -621,14 +621,20 @@ fn check_content_type(value: &str) -> Result<(), EventError> {
     }
 }
 
-/// Whether a media type says the data is JSON (`application/json`, `text/json`, `*/*+json`).
-pub fn is_json_content_type(content_type: &str) -> bool {
-    let essence = content_type
+/// The media type without parameters, trimmed and lowercased (`Application/JSON; charset=utf-8`
+/// -> `application/json`).
+pub(crate) fn media_type_essence(content_type: &str) -> String {
+    content_type
         .split(';')
         .next()
         .unwrap_or_default()
         .trim()
-        .to_ascii_lowercase();
+        .to_ascii_lowercase()
+}
+
+/// Whether a media type says the data is JSON (`application/json`, `text/json`, `*/*+json`).
+pub fn is_json_content_type(content_type: &str) -> bool {
+    let essence = media_type_essence(content_type);
     essence == "application/json"
         || essence == "text/json"
         || (essence.contains('/') && essence.ends_with("+json"))
