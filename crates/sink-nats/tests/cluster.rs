@@ -105,13 +105,7 @@ async fn stream_leader_killed_mid_run(version: ServerVersion) {
         sent_after_kill > 0,
         "the kill happened mid-run, not after the last send"
     );
-    let mut sent = Vec::with_capacity(n);
-    for (event, p) in pending {
-        let outcome = tokio::time::timeout(Duration::from_secs(120), p)
-            .await
-            .expect("I5: every outcome arrives within 120 s");
-        sent.push(Sent { event, outcome });
-    }
+    let sent = await_outcomes(pending).await;
     let recovered = killed_at.elapsed();
     let new_leader = cluster
         .wait_stream_leader(STREAM, Some(leader), Duration::from_secs(30))

@@ -7,7 +7,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::*;
-use sink_nats::{EmitError, JetStreamSink, Pending, WhenFull};
+use sink_nats::{EmitError, JetStreamSink, WhenFull};
 use sink_testkit::proxy::{Direction, FaultProxy, ProxyMode};
 use sink_testkit::{NatsServer, ServerVersion};
 
@@ -47,18 +47,6 @@ async fn stored_now(server: &NatsServer) -> u64 {
     let js = async_nats::jetstream::new(server.connect().await.expect("direct connect"));
     let mut stream = js.get_stream(STREAM).await.expect("stream exists");
     stream.info().await.expect("stream info").state.messages
-}
-
-/// Awaits every pending outcome, each within the I5 bound.
-async fn collect(pending: Vec<(sink_core::event::CloudEvent, Pending)>) -> Vec<Sent> {
-    let mut sent = Vec::with_capacity(pending.len());
-    for (event, p) in pending {
-        let outcome = tokio::time::timeout(Duration::from_secs(120), p)
-            .await
-            .expect("I5: every outcome arrives within 120 s");
-        sent.push(Sent { event, outcome });
-    }
-    sent
 }
 
 /// Checks I1-I4 against the server and that every event was delivered.
@@ -269,7 +257,7 @@ async fn reconnect_storm(version: ServerVersion) {
         storm_stats.resets >= 10,
         "the storm hit live connections: {storm_stats}"
     );
-    let mut sent = collect(pending).await;
+    let mut sent = await_outcomes(pending).await;
 
     let started = Instant::now();
     let after = send_all(&sink, "after-storm", after_n, 4).await;
@@ -346,7 +334,7 @@ async fn outage_fills_queue_then_rejects(version: ServerVersion) {
     assert!(most_queued <= bound, "queued {most_queued} > bound {bound}");
     proxy.set_mode(ProxyMode::PassThrough);
 
-    sent.extend(collect(pending).await);
+    sent.extend(await_outcomes(pending).await);
     assert_eq!(
         delivered_count(&sent),
         bound + 1,
@@ -423,7 +411,7 @@ async fn outage_blocks_send_until_deadline(version: ServerVersion) {
     tokio::time::sleep(Duration::from_secs(2)).await;
     proxy.set_mode(ProxyMode::PassThrough);
 
-    sent.extend(collect(pending).await);
+    sent.extend(await_outcomes(pending).await);
     assert_eq!(delivered_count(&sent), bound + 1);
     let report = audit(&server.url(), &sent).await;
     report.assert_passed();

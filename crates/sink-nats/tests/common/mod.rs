@@ -79,7 +79,12 @@ pub async fn send_all(sink: &JetStreamSink, run: &str, n: usize, tenants: usize)
         let p = sink.send(e.clone()).await.expect("accepted");
         pending.push((e, p));
     }
-    let mut sent = Vec::with_capacity(n);
+    await_outcomes(pending).await
+}
+
+/// Awaits every pending outcome in send order, each within the I5 bound.
+pub async fn await_outcomes(pending: Vec<(CloudEvent, sink_nats::Pending)>) -> Vec<Sent> {
+    let mut sent = Vec::with_capacity(pending.len());
     for (event, p) in pending {
         let outcome = tokio::time::timeout(Duration::from_secs(120), p)
             .await
