@@ -409,10 +409,13 @@ struct Driver {
     delivered: u64,
     rejected: u64,
     stream_recreate_at: Option<Instant>,
+    /// The template's subject filter, for re-creating the stream (policy Create).
+    subject_filter: String,
 }
 
 pub(crate) fn spawn(
     config: SinkConfig,
+    subject_filter: String,
     started: Started,
     commands: mpsc::UnboundedReceiver<Command>,
     shared: Arc<Shared>,
@@ -431,6 +434,7 @@ pub(crate) fn spawn(
         delivered: 0,
         rejected: 0,
         stream_recreate_at: None,
+        subject_filter,
     };
     tokio::spawn(driver.run(commands, started.events));
 }
@@ -746,14 +750,10 @@ impl Driver {
         if js.get_stream(&self.config.stream).await.is_ok() {
             return;
         }
-        let subjects = match Subjects::new(&self.config) {
-            Ok(s) => s,
-            Err(_) => return,
-        };
         match js
             .create_stream(new_stream_config(
                 &self.config.stream,
-                vec![subjects.filter()],
+                vec![self.subject_filter.clone()],
             ))
             .await
         {

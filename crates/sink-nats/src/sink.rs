@@ -506,7 +506,13 @@ impl SinkBuilder {
         });
         let (tx, rx) = mpsc::unbounded_channel();
         let max_payload = started.max_payload;
-        driver::spawn(config.clone(), started, rx, shared.clone());
+        driver::spawn(
+            config.clone(),
+            subjects.filter(),
+            started,
+            rx,
+            shared.clone(),
+        );
         Ok(JetStreamSink {
             inner: Arc::new(Inner {
                 tx,
