@@ -1,7 +1,9 @@
-//! Server-level fault rows of RELIABILITY.md (F2, F3, F7, F9, F14, F15, F16, F17) on real 2.9 and 2.15 servers.
+//! Server-level fault rows of RELIABILITY.md (F2, F3, F7, F9, F12, F14, F15, F16, F17) on real 2.9 and
+//! 2.15 servers (F12 on 2.15 only: 2.9 has no bound to overload).
 
 mod common;
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -9,10 +11,12 @@ use std::time::{Duration, Instant};
 use common::*;
 use sink_core::backoff::{Backoff, Jitter, RetrySchedule};
 use sink_core::event::CloudEvent;
+use sink_core::outbox::Failure;
 use sink_nats::{
-    new_stream_config, BreakerStatus, EmitError, JetStreamSink, Pending, StartError, StreamPolicy,
+    classify, new_stream_config, BreakerStatus, EmitError, JetStreamSink, OrderingMode, Pending,
+    StartError, StreamPolicy, Verdict,
 };
-use sink_testkit::{AuditReport, NatsServer, ServerOptions, ServerVersion};
+use sink_testkit::{read_stream, AuditReport, Expected, NatsServer, ServerOptions, ServerVersion};
 
 /// The longest any single outcome may take (I5).
 const OUTCOME_BOUND: Duration = Duration::from_secs(60);
@@ -396,6 +400,334 @@ async fn create_policy_recreates_a_deleted_stream_and_delivers_on_2_9() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn create_policy_recreates_a_deleted_stream_and_delivers_on_2_15() {
     stream_deleted_mid_run_with_create(ServerVersion::V2_15).await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// F12: 429 overload (stream ingest queue full, nats-server 2.11+)
+//
+// Only on 2.15: nats-server 2.9 (and 2.10) queue a stream's inbound publishes without a bound, so
+// there is no 429 to provoke, and 2.9 refuses to start with `max_buffered_msgs` in its config
+// ("unknown field").
+
+/// Inbound publishes the stream may queue before the server drops the next and answers it 429
+/// (`NATS/1.0 429 Too Many Requests`). A sink's window of 256 overflows it at once.
+const F12_MAX_BUFFERED_MSGS: u64 = 8;
+
+/// A sink publish (any attempt) or the reply to one, as seen by a client subscribed to `>`.
+struct Seen {
+    /// The sink's reply inbox (one per sink), the driver's event sequence and attempt, all from
+    /// the reply subject `_INBOX.<nuid>.<seq>.<attempt>`.
+    inbox: String,
+    seq: u64,
+    attempt: u32,
+    /// When the observer took it in.
+    at: Instant,
+    what: SeenKind,
+}
+
+enum SeenKind {
+    /// A publish; `chained` if it carried `Nats-Expected-Last-Msg-Id`.
+    Publish { chained: bool },
+    /// A 429 reply, with the driver's classification of it.
+    TooManyRequests(Verdict),
+    /// A publish ack (stored, or a duplicate of a stored message).
+    Stored,
+    /// Any other reply (10070 wrong last msg id, ...).
+    OtherReply,
+}
+
+/// `_INBOX.<nuid>.<seq>.<attempt>` (the driver's reply subjects) into its parts.
+fn split_reply_subject(subject: &str) -> Option<(String, u64, u32)> {
+    let mut parts = subject.rsplitn(3, '.');
+    let attempt = parts.next()?.parse().ok()?;
+    let seq = parts.next()?.parse().ok()?;
+    let inbox = parts.next()?;
+    inbox
+        .starts_with("_INBOX.")
+        .then(|| (inbox.to_owned(), seq, attempt))
+}
+
+fn is_too_many_requests(msg: &async_nats::Message) -> bool {
+    msg.status.map(|s| s.as_u16()) == Some(429)
+        || serde_json::from_slice::<serde_json::Value>(&msg.payload)
+            .is_ok_and(|v| v["error"]["code"] == 429 || v["error"]["err_code"] == 10167)
+}
+
+fn seen(msg: &async_nats::Message) -> Option<Seen> {
+    let at = Instant::now();
+    if msg.subject.starts_with("t.events.") {
+        let (inbox, seq, attempt) = split_reply_subject(msg.reply.as_deref()?)?;
+        let chained = msg
+            .headers
+            .as_ref()
+            .is_some_and(|h| h.get("Nats-Expected-Last-Msg-Id").is_some());
+        return Some(Seen {
+            inbox,
+            seq,
+            attempt,
+            at,
+            what: SeenKind::Publish { chained },
+        });
+    }
+    let (inbox, seq, attempt) = split_reply_subject(&msg.subject)?;
+    let verdict = classify(
+        msg.status.map(|s| s.as_u16()),
+        msg.description.as_deref(),
+        &msg.payload,
+    );
+    let what = if is_too_many_requests(msg) {
+        SeenKind::TooManyRequests(verdict)
+    } else if matches!(verdict, Verdict::Ack(_)) {
+        SeenKind::Stored
+    } else {
+        SeenKind::OtherReply
+    };
+    Some(Seen {
+        inbox,
+        seq,
+        attempt,
+        at,
+        what,
+    })
+}
+
+/// Subscribes to everything on the server (one subscription, so publishes and replies come in
+/// the order the server forwarded them) and records the sinks' publishes and the replies to them
+/// until the returned sender fires.
+async fn observe_sink_traffic(
+    server: &NatsServer,
+) -> (
+    tokio::sync::oneshot::Sender<()>,
+    tokio::task::JoinHandle<Vec<Seen>>,
+) {
+    use futures::{FutureExt, StreamExt};
+
+    let client = server
+        .connect_options()
+        .subscription_capacity(1 << 20)
+        .connect(server.url())
+        .await
+        .expect("observer connect");
+    let mut all = client.subscribe(">").await.expect("subscribe to >");
+    client.flush().await.expect("the subscription is in place");
+    let (stop_tx, mut stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(async move {
+        let mut log = Vec::new();
+        loop {
+            tokio::select! {
+                msg = all.next() => match msg {
+                    Some(msg) => log.extend(seen(&msg)),
+                    None => break,
+                },
+                _ = &mut stop_rx => {
+                    // Everything the server sent before the flush's PONG is in the channel now.
+                    let _ = client.flush().await;
+                    while let Some(Some(msg)) = all.next().now_or_never() {
+                        log.extend(seen(&msg));
+                    }
+                    break;
+                }
+            }
+        }
+        log
+    });
+    (stop_tx, task)
+}
+
+/// What happened to one event on the wire.
+#[derive(Default)]
+struct EventTrace {
+    /// Highest attempt published.
+    last_attempt: u32,
+    /// (attempt, when) of each 429.
+    too_many: Vec<(u32, Instant)>,
+    /// First publish of each attempt, and whether it was chained.
+    published: HashMap<u32, (Instant, bool)>,
+    /// Attempts answered with an ack.
+    stored: Vec<u32>,
+}
+
+/// `producers` sinks with the default config (chained, window 256) pipeline `events` each into
+/// one stream whose ingest queue holds [`F12_MAX_BUFFERED_MSGS`]: the server drops publishes and
+/// answers them 429. Checks that 429s happened, that the driver classifies them retryable, that
+/// each event answered 429 was sent again (or another attempt of it was stored), that no event
+/// was re-sent faster than the retry schedule allows, and audits I1-I4 with each producer as
+/// its own ordering key. Returns the sinks for mode checks.
+async fn ingest_overload(producers: usize, events: usize) -> Vec<JetStreamSink> {
+    let version = ServerVersion::V2_15;
+    let server = NatsServer::start(ServerOptions {
+        jetstream_max_buffered_msgs: Some(F12_MAX_BUFFERED_MSGS),
+        ..ServerOptions::version(version)
+    })
+    .await
+    .expect("start");
+    js_of(server.connect().await.expect("client"))
+        .create_stream(new_stream_config(STREAM, vec!["t.events.*.v1".into()]))
+        .await
+        .expect("create stream");
+    let (stop_observer, observer) = observe_sink_traffic(&server).await;
+
+    let mut sinks = Vec::with_capacity(producers);
+    for p in 0..producers {
+        let sink = builder(&server.url())
+            .name(format!("f12-producer-{p}"))
+            .stream_policy(StreamPolicy::Verify)
+            .reconnect(quick_reconnect())
+            .connect()
+            .await
+            .expect("connect");
+        sinks.push(sink);
+    }
+    let started = Instant::now();
+    // Every producer queues all its events at once, so each keeps its whole window in flight.
+    let tasks: Vec<_> = sinks
+        .iter()
+        .enumerate()
+        .map(|(p, sink)| spawn_send_all(sink, &format!("f12-p{p}"), events, 4))
+        .collect();
+    let mut per_producer = Vec::with_capacity(producers);
+    for task in tasks {
+        per_producer.push(task.await.expect("producer task"));
+    }
+    let elapsed = started.elapsed();
+    stop_observer.send(()).expect("observer still running");
+    let log = observer.await.expect("observer task");
+
+    for sent in &per_producer {
+        assert_all_ok(sent);
+    }
+    // I1-I4, each producer its own ordering key (`OrderingKey::Sink`).
+    let expected: Vec<Expected> = per_producer
+        .iter()
+        .enumerate()
+        .flat_map(|(p, sent)| {
+            expectations(sent, false).into_iter().map(move |mut e| {
+                e.key = format!("producer-{p}");
+                e
+            })
+        })
+        .collect();
+    let js = js_of(server.connect().await.expect("audit client"));
+    let stored = read_stream(&js, STREAM, Duration::from_secs(60))
+        .await
+        .expect("read the stream back");
+    let report = sink_testkit::compare(&expected, &stored);
+    report.assert_passed();
+    assert_eq!(report.stored, producers * events, "{report}");
+
+    let mut traces: HashMap<(&str, u64), EventTrace> = HashMap::new();
+    let (mut publishes, mut chained_429) = (0, 0);
+    for s in &log {
+        let t = traces.entry((s.inbox.as_str(), s.seq)).or_default();
+        match &s.what {
+            SeenKind::Publish { chained } => {
+                publishes += 1;
+                t.last_attempt = t.last_attempt.max(s.attempt);
+                t.published.entry(s.attempt).or_insert((s.at, *chained));
+            }
+            SeenKind::TooManyRequests(verdict) => {
+                assert!(
+                    matches!(verdict, Verdict::Fail(Failure::Retryable { .. })),
+                    "the driver must classify a 429 as retryable, it gives {verdict:?}"
+                );
+                t.too_many.push((s.attempt, s.at));
+            }
+            SeenKind::Stored => t.stored.push(s.attempt),
+            SeenKind::OtherReply => {}
+        }
+    }
+    let too_many: usize = traces.values().map(|t| t.too_many.len()).sum();
+    // The overload really happened.
+    assert!(
+        too_many > 0,
+        "no 429 among the replies to {publishes} publishes: raise the load or lower \
+         max_buffered_msgs"
+    );
+    // Each event answered 429 went out again with a higher attempt, unless another of its
+    // attempts was stored (an attempt the sink gave up on, e.g. after its ack timeout, can still
+    // be stored and acked).
+    let mut resend_gaps = Vec::new();
+    let mut stored_by_earlier_attempt = 0;
+    for ((inbox, seq), t) in &traces {
+        for &(attempt, at) in &t.too_many {
+            let resent = t.last_attempt > attempt;
+            let stored_otherwise = t.stored.iter().any(|&a| a != attempt);
+            assert!(
+                resent || stored_otherwise,
+                "event {seq} of {inbox} was answered 429 on attempt {attempt} and neither sent \
+                 again nor stored by another attempt"
+            );
+            stored_by_earlier_attempt += usize::from(!resent);
+            if t.published
+                .get(&attempt)
+                .is_some_and(|&(_, chained)| chained)
+            {
+                chained_429 += 1;
+            }
+            if let Some((next, _)) = t.published.get(&(attempt + 1)) {
+                resend_gaps.push(next.saturating_duration_since(at));
+            }
+        }
+    }
+    resend_gaps.sort();
+    // No hot retry loop: each re-send follows a failure episode that waits at least the first
+    // retry delay (100 ms) or the breaker's reconnect base (100 ms). Half that leaves room for
+    // a re-send released by a neighbour's episode.
+    let max_attempts = traces.values().map(|t| t.last_attempt).max().unwrap_or(0);
+    let bound = 2 + (elapsed.as_millis() / 50) as u32;
+    assert!(
+        max_attempts <= bound,
+        "an event was published {max_attempts} times in {elapsed:?}: retries without backoff"
+    );
+    let total = producers * events;
+    println!(
+        "F12 {version}, {producers} producer(s): {total} events in {elapsed:?}; {publishes} \
+         publishes ({:.1} per event), {too_many} answered 429 ({chained_429} of them chained, \
+         {stored_by_earlier_attempt} not re-sent because another attempt was stored), max \
+         attempts of one event {max_attempts}; 429 to next attempt of that event: min {:?}, \
+         median {:?}",
+        publishes as f64 / total as f64,
+        resend_gaps.first(),
+        resend_gaps.get(resend_gaps.len() / 2),
+    );
+    for (p, sink) in sinks.iter().enumerate() {
+        let h = sink.health();
+        println!(
+            "F12 producer {p}: ordering {:?}, breaker {:?}, last error {:?}",
+            h.ordering, h.breaker, h.last_error
+        );
+    }
+    assert!(
+        server
+            .log_tail(500)
+            .contains("Dropping messages due to excessive stream ingest rate"),
+        "the server logs the drops: {}",
+        server.log_tail(20)
+    );
+    for sink in &sinks {
+        let close = sink.close(Duration::from_secs(5)).await;
+        assert!(close.complete(), "{close:?}");
+    }
+    sinks
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ingest_overload_429_from_many_producers_is_retried_and_keeps_every_invariant_on_2_15() {
+    // Eight writers on one stream: each sink's chain soon meets another sink's last message id
+    // and falls back to per-key-serial (by design); the 429s land before and after that.
+    ingest_overload(8, 1500).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ingest_overload_429_on_a_chained_window_is_retried_and_keeps_the_chain_on_2_15() {
+    // One writer keeps its chained window of 256 the whole run: every 429 breaks the chain in the
+    // middle of the window, and the sink must repair it without reordering or falling back.
+    let sinks = ingest_overload(1, 500).await;
+    assert_eq!(
+        sinks[0].health().ordering,
+        OrderingMode::Chained,
+        "a 429 is no sign of another writer"
+    );
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -176,6 +176,13 @@ pub struct ServerOptions {
     pub jetstream_max_file: Option<u64>,
     /// JetStream `max_memory_store` in bytes.
     pub jetstream_max_mem: Option<u64>,
+    /// JetStream `max_buffered_msgs` (nats-server 2.11+): how many inbound publishes one stream
+    /// queues before the server drops the next and answers it `429 Too Many Requests`
+    /// (`JSStreamTooManyRequests`, 10167). 2.9 does not know the field and refuses to start.
+    pub jetstream_max_buffered_msgs: Option<u64>,
+    /// JetStream `max_buffered_size` in bytes (nats-server 2.11+): the byte limit of the same
+    /// queue. 2.9 refuses to start with it.
+    pub jetstream_max_buffered_size: Option<u64>,
     /// `lame_duck_duration`; nats-server refuses values below 30 s.
     pub lame_duck_duration: Option<Duration>,
     /// Appended verbatim to the config file (e.g. `"lame_duck_grace_period: 1s\n"`).
@@ -192,6 +199,8 @@ impl Default for ServerOptions {
             max_payload: None,
             jetstream_max_file: None,
             jetstream_max_mem: None,
+            jetstream_max_buffered_msgs: None,
+            jetstream_max_buffered_size: None,
             lame_duck_duration: None,
             extra_config: String::new(),
         }
@@ -844,6 +853,12 @@ impl NatsServer {
         }
         if let Some(bytes) = o.jetstream_max_mem {
             c.push_str(&format!("  max_memory_store: {bytes}\n"));
+        }
+        if let Some(msgs) = o.jetstream_max_buffered_msgs {
+            c.push_str(&format!("  max_buffered_msgs: {msgs}\n"));
+        }
+        if let Some(bytes) = o.jetstream_max_buffered_size {
+            c.push_str(&format!("  max_buffered_size: {bytes}\n"));
         }
         c.push_str("}\n");
         if let Some(bytes) = o.max_payload {

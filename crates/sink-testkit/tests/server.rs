@@ -425,3 +425,42 @@ async fn server_options_limits_reach_the_server() {
         }
     }
 }
+
+/// The stream ingest-queue limits land inside the `jetstream` block (next to `store_dir`, which a
+/// second block would drop); 2.15 takes them, 2.9 does not know them and refuses to start.
+#[tokio::test]
+async fn ingest_queue_limits_reach_2_15_and_are_refused_by_2_9() {
+    let options = |version| ServerOptions {
+        jetstream_max_buffered_msgs: Some(8),
+        jetstream_max_buffered_size: Some(1024 * 1024),
+        ..ServerOptions::version(version)
+    };
+    let server = NatsServer::start(options(ServerVersion::V2_15))
+        .await
+        .expect("2.15 accepts the ingest-queue limits");
+    let config = std::fs::read_to_string(server.config_path()).expect("config file");
+    let block = config
+        .split_once("jetstream {")
+        .and_then(|(_, rest)| rest.split_once('}'))
+        .map(|(block, _)| block)
+        .expect("a jetstream block");
+    assert!(block.contains("store_dir:"), "{config}");
+    assert!(block.contains("max_buffered_msgs: 8"), "{config}");
+    assert!(block.contains("max_buffered_size: 1048576"), "{config}");
+    jetstream::new(server.connect().await.expect("connect"))
+        .create_stream(stream::Config {
+            name: "LIMITED".to_owned(),
+            subjects: vec!["limited.>".to_owned()],
+            ..Default::default()
+        })
+        .await
+        .expect("JetStream works with the limits");
+
+    match NatsServer::start(options(ServerVersion::V2_9)).await {
+        Err(HarnessError::ExitedEarly { log_tail, .. }) => assert!(
+            log_tail.contains("max_buffered_msgs"),
+            "2.9 names the unknown field: {log_tail}"
+        ),
+        other => panic!("2.9 must refuse max_buffered_msgs, got {other:?}"),
+    }
+}
