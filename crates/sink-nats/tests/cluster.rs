@@ -3,12 +3,12 @@
 
 mod common;
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::*;
-use sink_nats::StreamPolicy;
+use sink_nats::{StreamPolicy, WhenFull};
 use sink_testkit::{Cluster, ServerVersion};
 
 /// Creates the R3 stream the sink verifies, retrying while the cluster settles.
@@ -69,13 +69,21 @@ async fn stream_leader_killed_mid_run(version: ServerVersion) {
         .stream_policy(StreamPolicy::Verify)
         .reconnect(fast_reconnect())
         .window(256)
+        // A queue of two windows makes `send` wait for room: the sender runs unpaced, keeps a full
+        // window in flight, and is still sending when the leader dies. The long block deadline
+        // outlasts the election.
+        .queue_bound(512, 64 * 1024 * 1024)
+        .when_full(WhenFull::Block {
+            deadline: Duration::from_secs(120),
+        })
         .connect()
         .await
         .expect("the sink accepts the R3 stream");
-    // Paced over ~3 s so that events are still being sent (and acked) across the kill.
+    let accepted = Arc::new(AtomicUsize::new(0));
     let killed = Arc::new(AtomicBool::new(false));
     let sending = {
         let sink = sink.clone();
+        let accepted = Arc::clone(&accepted);
         let killed = Arc::clone(&killed);
         tokio::spawn(async move {
             let mut pending = Vec::with_capacity(n);
@@ -84,21 +92,48 @@ async fn stream_leader_killed_mid_run(version: ServerVersion) {
                 let e = event("failover", i, 4);
                 let p = sink.send(e.clone()).await.expect("accepted");
                 pending.push((e, p));
+                accepted.store(i + 1, Ordering::SeqCst);
                 if killed.load(Ordering::SeqCst) {
                     sent_after_kill += 1;
-                }
-                if i % 50 == 49 {
-                    tokio::time::sleep(Duration::from_millis(50)).await;
                 }
             }
             (pending, sent_after_kill)
         })
     };
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    let in_flight = sink.health().in_flight;
+    // Once the first `acked_before_kill` events are acked, in the middle of the burst, freeze the
+    // leader and then kill it. On loopback the cluster acks faster than the sender submits (2.9
+    // often had nothing in flight at any given instant), so the freeze is what guarantees a kill
+    // with publishes in flight: nothing commits while the leader is stopped, the sender keeps
+    // going, and after 200 ms (long enough for acks already on a socket to be taken in, far
+    // below the ping and ack timeouts) the sink's in-flight count is what the kill catches.
+    let acked_before_kill = 1000;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        // Accepted first: an event accepted after it is at worst counted as unacked.
+        let accepted = accepted.load(Ordering::SeqCst);
+        let health = sink.health();
+        let acked = accepted.saturating_sub(health.queued);
+        if acked >= acked_before_kill {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "only {acked} acks within 60 s: {health:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    cluster.node(leader).pause().expect("SIGSTOP the leader");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    wait_in_flight(&sink, 1, Duration::from_secs(5)).await;
+    let before_kill = sink.health();
     let killed_at = Instant::now();
     cluster.kill_node(leader).await.expect("kill the leader");
     killed.store(true, Ordering::SeqCst);
+    let in_flight = before_kill.in_flight;
+    assert!(
+        in_flight > 0,
+        "the leader was killed with publishes in flight: {before_kill:?}"
+    );
 
     let (pending, sent_after_kill) = sending.await.expect("sender task");
     assert!(
@@ -124,10 +159,11 @@ async fn stream_leader_killed_mid_run(version: ServerVersion) {
     report.assert_passed();
     assert_eq!(report.stored, n, "{report}");
     eprintln!(
-        "{version}: leader n{} killed with {in_flight} in flight and {sent_after_kill} events \
-         still to send; new leader n{}; all {n} delivered {recovered:?} after the kill; \
-         duplicate acks {}",
+        "{version}: leader n{} killed after at least {acked_before_kill} acks with {in_flight} in \
+         flight, {} accepted but unacked and {sent_after_kill} events sent after the kill; new \
+         leader n{}; all {n} delivered {recovered:?} after the kill; duplicate acks {}",
         leader + 1,
+        before_kill.queued,
         new_leader + 1,
         duplicate_acks(&sent)
     );
