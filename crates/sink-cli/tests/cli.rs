@@ -420,6 +420,8 @@ fn help_texts() {
         ("help_stream_ensure", &["stream", "ensure", "--help"][..]),
         ("help_stream_verify", &["stream", "verify", "--help"][..]),
         ("help_audit", &["audit", "--help"][..]),
+        ("help_bench", &["bench", "--help"][..]),
+        ("help_demo", &["demo", "--help"][..]),
         ("help_doctor", &["doctor", "--help"][..]),
     ] {
         let out = jetsink(args);
