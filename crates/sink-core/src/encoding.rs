@@ -189,12 +189,17 @@ pub enum DecodeError {
     InvalidEvent(EventError),
 }
 
+/// Initial buffer for a structured body (most events fit; larger ones grow it).
+const STRUCTURED_INITIAL_CAPACITY: usize = 768;
+
 /// Encodes a valid event as a NATS message.
 pub fn encode(event: &CloudEvent, encoding: Encoding) -> Result<Wire, EncodeError> {
     event.validate().map_err(EncodeError::InvalidEvent)?;
     match encoding {
         Encoding::Structured => {
-            let body = serde_json::to_vec(event).map_err(|err| EncodeError::Serialize {
+            // Sized for a typical event up front: growing from empty costs several reallocations.
+            let mut body = Vec::with_capacity(STRUCTURED_INITIAL_CAPACITY);
+            serde_json::to_writer(&mut body, event).map_err(|err| EncodeError::Serialize {
                 message: err.to_string(),
             })?;
             Ok(Wire {

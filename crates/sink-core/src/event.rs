@@ -759,9 +759,10 @@ pub(crate) fn base64_decode(text: &str) -> Result<Vec<u8>, usize> {
 ///
 /// `ce1-` followed by the lowercase hex of the first 16 bytes of
 /// SHA-256(`len(source)` as u64 big-endian || `source` || `id`). The length prefix keeps
-/// (`ab`, `c`) and (`a`, `bc`) apart.
+/// (`ab`, `c`) and (`a`, `bc`) apart. Cheap to clone (shared text): every transmit names its
+/// predecessor's id.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct MsgId(String);
+pub struct MsgId(std::sync::Arc<str>);
 
 impl MsgId {
     /// The message id of `event`.
@@ -777,12 +778,12 @@ impl MsgId {
             text.push(char::from_digit(u32::from(byte >> 4), 16).unwrap_or('0'));
             text.push(char::from_digit(u32::from(byte & 0xF), 16).unwrap_or('0'));
         }
-        MsgId(text)
+        MsgId(text.into())
     }
 
     /// Wraps an id read back from the wire (or made up in a test) without checking it.
     pub fn from_raw(raw: String) -> MsgId {
-        MsgId(raw)
+        MsgId(raw.into())
     }
 
     /// The id as sent in the `Nats-Msg-Id` header.

@@ -380,6 +380,9 @@ pub struct Outbox {
     cursor: usize,
     in_flight: usize,
     in_flight_keys: HashMap<String, usize>,
+    /// Per-key-serial mode only: pending entries per key, so a scan can stop once every key
+    /// with pending entries is blocked.
+    pending_keys: HashMap<String, usize>,
     /// Id of the last entry removed after its ack: the chain's anchor.
     anchor: Option<MsgId>,
     /// Ack deadlines in transmission order (lazily cleaned).
@@ -409,6 +412,7 @@ impl Outbox {
             cursor: 0,
             in_flight: 0,
             in_flight_keys: HashMap::new(),
+            pending_keys: HashMap::new(),
             anchor: None,
             timers: VecDeque::new(),
             resume_at: None,
@@ -504,6 +508,7 @@ impl Outbox {
             state: EntryState::Pending,
             attempts: 0,
         });
+        self.pending_enter(self.entries.len() - 1);
         Ok(seq)
     }
 
@@ -554,7 +559,7 @@ impl Outbox {
         match state {
             EntryState::Acked => return,
             EntryState::InFlight { .. } => self.release_flight(i),
-            EntryState::Pending => {}
+            EntryState::Pending => self.pending_leave(i),
         }
         self.entries[i].state = EntryState::Acked;
         self.retries = 0;
@@ -601,6 +606,7 @@ impl Outbox {
             if let EntryState::InFlight { .. } = self.entries[i].state {
                 self.release_flight(i);
                 self.entries[i].state = EntryState::Pending;
+                self.pending_enter(i);
             }
         }
         self.cursor = self.cursor.min(first);
@@ -626,6 +632,7 @@ impl Outbox {
         self.cursor = 0;
         self.in_flight = 0;
         self.in_flight_keys.clear();
+        self.pending_keys.clear();
         self.timers.clear();
         self.hold_behind = None;
         self.reanchor = None;
@@ -633,6 +640,13 @@ impl Outbox {
     }
 
     fn index_of(&self, seq: EventSeq) -> Option<usize> {
+        // Sequences are consecutive unless a rejection removed an entry from the middle, so the
+        // offset from the front is right almost always; fall back to a search when it is not.
+        let front = self.entries.front()?.seq;
+        let guess = usize::try_from(seq.checked_sub(front)?).ok()?;
+        if self.entries.get(guess).is_some_and(|e| e.seq == seq) {
+            return Some(guess);
+        }
         let i = self.entries.partition_point(|e| e.seq < seq);
         (self.entries.get(i)?.seq == seq).then_some(i)
     }
@@ -651,6 +665,44 @@ impl Outbox {
             *n -= 1;
             if *n == 0 {
                 self.in_flight_keys.remove(key);
+            }
+        }
+    }
+
+    /// Entry `i` became pending.
+    fn pending_enter(&mut self, i: usize) {
+        if self.ordering != OrderingMode::PerKeySerial {
+            return;
+        }
+        let key = &self.entries[i].message.key;
+        match self.pending_keys.get_mut(key) {
+            Some(n) => *n += 1,
+            None => {
+                self.pending_keys.insert(key.clone(), 1);
+            }
+        }
+    }
+
+    /// Entry `i` stops being pending.
+    fn pending_leave(&mut self, i: usize) {
+        if self.ordering != OrderingMode::PerKeySerial {
+            return;
+        }
+        let key = &self.entries[i].message.key;
+        if let Some(n) = self.pending_keys.get_mut(key) {
+            *n -= 1;
+            if *n == 0 {
+                self.pending_keys.remove(key);
+            }
+        }
+    }
+
+    /// Recounts pending entries per key (after a switch to per-key-serial).
+    fn rebuild_pending_keys(&mut self) {
+        self.pending_keys.clear();
+        for i in 0..self.entries.len() {
+            if self.entries[i].state == EntryState::Pending {
+                self.pending_enter(i);
             }
         }
     }
@@ -695,6 +747,7 @@ impl Outbox {
             if let EntryState::InFlight { .. } = self.entries[i].state {
                 self.release_flight(i);
                 self.entries[i].state = EntryState::Pending;
+                self.pending_enter(i);
             }
         }
         self.cursor = self.cursor.min(from);
@@ -827,6 +880,7 @@ impl Outbox {
             }
         }
         self.cursor = self.cursor.min(first_unacked);
+        self.rebuild_pending_keys();
         self.drop_stale_timers();
         self.outputs.push_back(Output::OrderingFallback {
             to: OrderingMode::PerKeySerial,
@@ -868,14 +922,17 @@ impl Outbox {
             OrderingMode::Chained => self.predecessor_id(i),
             _ => None,
         };
+        self.pending_leave(i);
         let entry = &mut self.entries[i];
         entry.attempts += 1;
         let attempt = entry.attempts;
         entry.state = EntryState::InFlight { attempt };
-        *self
-            .in_flight_keys
-            .entry(entry.message.key.clone())
-            .or_insert(0) += 1;
+        match self.in_flight_keys.get_mut(&entry.message.key) {
+            Some(n) => *n += 1,
+            None => {
+                self.in_flight_keys.insert(entry.message.key.clone(), 1);
+            }
+        }
         self.in_flight += 1;
         self.timers
             .push_back((now + self.config.ack_timeout, seq, attempt));
@@ -916,6 +973,9 @@ impl Outbox {
                     }
                     if e.state == EntryState::Pending && !blocked.contains(&key) {
                         blocked.push(key);
+                        if blocked.len() >= self.pending_keys.len() {
+                            break; // every key with pending events waits for its ack
+                        }
                     }
                 }
                 None
