@@ -5,11 +5,13 @@
 //! subscription (`<inbox>.<seq>.<attempt>`), so an ack costs one message on one subscription and no
 //! task per publish. The ack timeout is the outbox's, not the client's.
 
-use std::collections::BTreeMap;
+use std::collections::VecDeque;
+use std::fmt::Write as _;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use async_nats::header::{NATS_EXPECTED_LAST_MESSAGE_ID, NATS_EXPECTED_STREAM, NATS_MESSAGE_ID};
 use async_nats::jetstream;
 use async_nats::{ConnectOptions, HeaderMap};
 use futures::StreamExt;
@@ -32,6 +34,19 @@ use crate::subjects::Subjects;
 pub(crate) struct Permits {
     pub event: OwnedSemaphorePermit,
     pub bytes: OwnedSemaphorePermit,
+}
+
+/// Every header of a publish except `Nats-Expected-Last-Msg-Id`, which depends on the attempt.
+fn base_headers(message: &Message, expected_stream: Option<&str>) -> HeaderMap {
+    let mut headers = HeaderMap::new();
+    for (k, v) in &message.headers {
+        headers.insert(k.as_str(), v.as_str());
+    }
+    headers.insert(NATS_MESSAGE_ID, message.msg_id.as_str());
+    if let Some(stream) = expected_stream {
+        headers.insert(NATS_EXPECTED_STREAM, stream);
+    }
+    headers
 }
 
 pub(crate) enum Command {
@@ -397,11 +412,71 @@ struct Waiter {
     span_warned: bool,
 }
 
+/// The callers waiting for outcomes, by outbox sequence. Sequences are handed out consecutively
+/// and mostly settle in order, so this is a ring indexed by offset rather than a tree.
+#[derive(Default)]
+struct Waiters {
+    /// Sequence of `slots[0]`.
+    base: u64,
+    slots: VecDeque<Option<Waiter>>,
+}
+
+impl Waiters {
+    /// Adds the waiter of `seq`, which is above every sequence added before.
+    fn insert(&mut self, seq: u64, waiter: Waiter) {
+        if self.slots.is_empty() {
+            self.base = seq;
+        }
+        let Some(offset) = seq
+            .checked_sub(self.base)
+            .and_then(|o| usize::try_from(o).ok())
+        else {
+            debug_assert!(false, "waiter sequences increase");
+            return;
+        };
+        while self.slots.len() < offset {
+            self.slots.push_back(None);
+        }
+        self.slots.push_back(Some(waiter));
+    }
+
+    fn offset(&self, seq: u64) -> Option<usize> {
+        usize::try_from(seq.checked_sub(self.base)?).ok()
+    }
+
+    fn get_mut(&mut self, seq: u64) -> Option<&mut Waiter> {
+        let i = self.offset(seq)?;
+        self.slots.get_mut(i)?.as_mut()
+    }
+
+    fn remove(&mut self, seq: u64) -> Option<Waiter> {
+        let i = self.offset(seq)?;
+        let waiter = self.slots.get_mut(i)?.take();
+        while self.slots.front().is_some_and(Option::is_none) {
+            self.slots.pop_front();
+            self.base += 1;
+        }
+        waiter
+    }
+
+    /// The lowest sequence still waiting.
+    fn lowest(&self) -> Option<u64> {
+        // remove() keeps the front occupied.
+        (!self.slots.is_empty()).then_some(self.base)
+    }
+
+    /// The highest sequence still waiting.
+    fn highest(&self) -> Option<u64> {
+        let last = self.slots.iter().rposition(Option::is_some)?;
+        Some(self.base + last as u64)
+    }
+}
+
 struct Driver {
     config: SinkConfig,
     client: async_nats::Client,
     outbox: Outbox,
-    waiters: BTreeMap<u64, Waiter>,
+    waiters: Waiters,
     flushes: Vec<(u64, oneshot::Sender<()>)>,
     inbox: String,
     shared: Arc<Shared>,
@@ -426,7 +501,7 @@ pub(crate) fn spawn(
         config,
         client: started.client,
         outbox,
-        waiters: BTreeMap::new(),
+        waiters: Waiters::default(),
         flushes: Vec::new(),
         inbox,
         shared,
@@ -579,8 +654,8 @@ impl Driver {
                     }
                 }
             }
-            Command::Flush { reply } => match self.waiters.keys().next_back() {
-                Some(&mark) => self.flushes.push((mark, reply)),
+            Command::Flush { reply } => match self.waiters.highest() {
+                Some(mark) => self.flushes.push((mark, reply)),
                 None => {
                     let _ = reply.send(());
                 }
@@ -597,22 +672,19 @@ impl Driver {
                 let Some(msg) = self.outbox.message(t.seq) else {
                     return;
                 };
-                let mut headers = HeaderMap::new();
-                for (k, v) in &msg.headers {
-                    headers.insert(k.as_str(), v.as_str());
-                }
-                headers.insert("Nats-Msg-Id", msg.msg_id.as_str());
-                if let Some(last) = &t.expected_last_msg_id {
-                    headers.insert("Nats-Expected-Last-Msg-Id", last.as_str());
-                }
-                if self.config.stream_policy != StreamPolicy::Off {
-                    headers.insert("Nats-Expected-Stream", self.config.stream.as_str());
-                }
+                let stream = (self.config.stream_policy != StreamPolicy::Off)
+                    .then_some(self.config.stream.as_str());
+                let mut headers = base_headers(msg, stream);
                 let subject = msg.subject.clone();
+                if let Some(last) = &t.expected_last_msg_id {
+                    headers.insert(NATS_EXPECTED_LAST_MESSAGE_ID, last.as_str());
+                }
                 let body = msg.body.clone();
-                let reply = format!("{}.{}.{}", self.inbox, t.seq, t.attempt);
+                let mut reply = String::with_capacity(self.inbox.len() + 24);
+                reply.push_str(&self.inbox);
+                let _ = write!(reply, ".{}.{}", t.seq, t.attempt);
                 m::published(t.attempt > 1);
-                if let Some(w) = self.waiters.get_mut(&t.seq) {
+                if let Some(w) = self.waiters.get_mut(t.seq) {
                     match w.first_sent {
                         None => w.first_sent = Some(now),
                         Some(first) => {
@@ -620,6 +692,9 @@ impl Driver {
                                 if now.duration_since(first) > window && !w.span_warned {
                                     w.span_warned = true;
                                     m::retry_beyond_window();
+                                    self.shared
+                                        .retried_beyond_window
+                                        .fetch_add(1, Ordering::Relaxed);
                                     tracing::warn!(
                                         ce.id = %w.event_id,
                                         waited = ?now.duration_since(first),
@@ -651,7 +726,7 @@ impl Driver {
             Output::Delivered { seq, ack } => {
                 self.delivered += 1;
                 m::acked(ack.duplicate);
-                if let Some(w) = self.waiters.remove(&seq) {
+                if let Some(w) = self.waiters.remove(seq) {
                     tracing::debug!(ce.id = %w.event_id, seq = ack.sequence, duplicate = ack.duplicate, "delivered");
                     let _ = w.reply.send(Ok(receipt(ack, w.msg_id)));
                 }
@@ -660,7 +735,7 @@ impl Driver {
             Output::Rejected { seq, rejection } => {
                 self.rejected += 1;
                 m::rejected();
-                if let Some(w) = self.waiters.remove(&seq) {
+                if let Some(w) = self.waiters.remove(seq) {
                     tracing::warn!(ce.id = %w.event_id, %rejection, "rejected by the broker");
                     let _ = w.reply.send(Err(EmitError::Rejected {
                         event_id: w.event_id,
@@ -700,7 +775,7 @@ impl Driver {
     }
 
     fn settle_flushes(&mut self) {
-        let lowest = self.waiters.keys().next().copied();
+        let lowest = self.waiters.lowest();
         let mut i = 0;
         while i < self.flushes.len() {
             if lowest.is_none_or(|l| l > self.flushes[i].0) {
@@ -792,7 +867,7 @@ impl Driver {
         let abandoned = self.outbox.abandon();
         let mut not_delivered = Vec::new();
         for a in abandoned {
-            if let Some(w) = self.waiters.remove(&a.seq) {
+            if let Some(w) = self.waiters.remove(a.seq) {
                 let _ = w.reply.send(Err(EmitError::NotDelivered {
                     event_id: w.event_id.clone(),
                     transmitted: a.transmitted,

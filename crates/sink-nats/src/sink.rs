@@ -2,7 +2,7 @@
 
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
@@ -58,6 +58,10 @@ pub struct Health {
     pub server_version: String,
     /// The ordering mode in force (chained may have fallen back to per-key-serial).
     pub ordering: OrderingMode,
+    /// Events re-sent after more than the stream's duplicate window since their first transmit:
+    /// a copy stored before the fault would not be deduplicated (RELIABILITY.md F3). Also the
+    /// `jetsink_retries_beyond_dedup_window_total` counter and a warning per event.
+    pub retried_beyond_window: u64,
 }
 
 /// What `close` could not deliver.
@@ -84,6 +88,7 @@ pub(crate) struct Shared {
     pub in_flight: AtomicUsize,
     pub breaker: AtomicU8,
     pub ordering: AtomicU8,
+    pub retried_beyond_window: AtomicU64,
     pub last_error: Mutex<Option<String>>,
     pub server_version: String,
 }
@@ -214,12 +219,20 @@ impl JetStreamSink {
                 2 => OrderingMode::Unordered,
                 _ => OrderingMode::Chained,
             },
+            retried_beyond_window: s.retried_beyond_window.load(Ordering::Relaxed),
         }
     }
 
     fn prepare(&self, event: &CloudEvent) -> Result<(Message, String), EmitError> {
-        event.validate()?;
         let inner = &self.inner;
+        // `encode` validates the event first; validating here as well would double the cost.
+        let wire = encoding::encode(event, inner.encoding).map_err(|error| match error {
+            encoding::EncodeError::InvalidEvent(e) => EmitError::InvalidEvent(e),
+            error => EmitError::Encode {
+                event_id: event.id.clone(),
+                error,
+            },
+        })?;
         let subject = inner
             .subjects
             .render(event)
@@ -227,10 +240,6 @@ impl JetStreamSink {
                 event_id: event.id.clone(),
                 error,
             })?;
-        let wire = encoding::encode(event, inner.encoding).map_err(|error| EmitError::Encode {
-            event_id: event.id.clone(),
-            error,
-        })?;
         let msg_id = MsgId::for_event(event);
         let size = wire.body.len()
             + wire
@@ -501,6 +510,7 @@ impl SinkBuilder {
             in_flight: AtomicUsize::new(0),
             breaker: AtomicU8::new(0),
             ordering: AtomicU8::new(0),
+            retried_beyond_window: AtomicU64::new(0),
             last_error: Mutex::new(None),
             server_version: started.server_version.clone(),
         });
