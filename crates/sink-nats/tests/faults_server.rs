@@ -547,7 +547,7 @@ struct EventTrace {
     stored: Vec<u32>,
 }
 
-/// `producers` sinks with the default config (chained, window 256) pipeline `events` each into
+/// `producers` sinks (default chained ordering, window 256) pipeline `events` each into
 /// one stream whose ingest queue holds [`F12_MAX_BUFFERED_MSGS`]: the server drops publishes and
 /// answers them 429. Checks that 429s happened, that the driver classifies them retryable, that
 /// each event answered 429 was sent again (or another attempt of it was stored), that no event
@@ -572,6 +572,7 @@ async fn ingest_overload(producers: usize, events: usize) -> Vec<JetStreamSink> 
         let sink = builder(&server.url())
             .name(format!("f12-producer-{p}"))
             .stream_policy(StreamPolicy::Verify)
+            .window(256)
             .reconnect(quick_reconnect())
             .connect()
             .await
