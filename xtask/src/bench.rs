@@ -99,6 +99,7 @@ pub fn run(sh: &Shell, root: &Path, options: Options) -> anyhow::Result<()> {
     {
         args.extend(["--outage-secs".to_owned(), DEFAULT_OUTAGE_SECS.to_owned()]);
     }
+    args.extend(["--server-pid".to_owned(), server.child.id().to_string()]);
     let result = cmd!(sh, "{jetsink} --url {url} bench {args...}")
         .env_remove("NATS_URL")
         .run()

@@ -44,6 +44,15 @@ pub struct BenchArgs {
     /// Print the results as JSON instead of a table.
     #[arg(long)]
     pub json: bool,
+    /// Rounds of every row, interleaved; the table shows medians (at least 1).
+    #[arg(long, default_value_t = 3)]
+    pub rounds: usize,
+    /// Run only the jetsink rows whose name contains this (the reference rows always run).
+    #[arg(long)]
+    pub only: Option<String>,
+    /// Process id of the nats-server when it runs on this machine: adds its CPU use to each row.
+    #[arg(long)]
+    pub server_pid: Option<u32>,
 }
 
 /// One measured row.
@@ -57,6 +66,152 @@ struct Row {
     /// Seconds until the last publish (or `send`) returned; the rest is waiting for acks.
     /// Close to `secs` means the caller side is the limit, well below it the broker/ack path.
     submit_secs: f64,
+    /// CPU used during the row.
+    cpu: CpuUse,
+    /// Median over the rounds of this row's rate divided by the reference's in the same round,
+    /// and the lowest and highest such ratio (filled in by `summarize`).
+    vs_ref: Option<Spread>,
+    /// The same against the serial-ack row (jetsink rows only).
+    vs_serial: Option<Spread>,
+}
+
+/// A median and its range over the rounds.
+#[derive(Debug, Clone, Copy)]
+struct Spread {
+    median: f64,
+    min: f64,
+    max: f64,
+}
+
+impl Spread {
+    fn of(values: &mut [f64]) -> Option<Spread> {
+        values.sort_by(f64::total_cmp);
+        Some(Spread {
+            median: median_sorted(values)?,
+            min: *values.first()?,
+            max: *values.last()?,
+        })
+    }
+}
+
+fn median_sorted(sorted: &[f64]) -> Option<f64> {
+    sorted.get(sorted.len().checked_sub(1)? / 2).copied()
+}
+
+/// What one row of the table measures.
+enum RowSpec {
+    Reference,
+    NoReply,
+    Serial,
+    Raw,
+    Jetsink {
+        name: String,
+        mode: OrderingMode,
+        key: OrderingKey,
+        window: usize,
+        measure_send: bool,
+    },
+}
+
+impl RowSpec {
+    fn name(&self) -> &str {
+        match self {
+            RowSpec::Reference => "reference: publish, ack dropped",
+            RowSpec::NoReply => "core publish, no reply (info)",
+            RowSpec::Serial => "serial ack",
+            RowSpec::Raw => "raw pipelined w1024",
+            RowSpec::Jetsink { name, .. } => name,
+        }
+    }
+}
+
+/// The rows in table order; `only` keeps the jetsink rows whose name contains it.
+fn row_specs(only: Option<&str>) -> Vec<RowSpec> {
+    let jetsink = |name: String, mode, key, window, measure_send| RowSpec::Jetsink {
+        name,
+        mode,
+        key,
+        window,
+        measure_send,
+    };
+    let mut specs = vec![
+        RowSpec::Reference,
+        RowSpec::NoReply,
+        RowSpec::Serial,
+        RowSpec::Raw,
+    ];
+    specs.extend(
+        [
+            jetsink(
+                "jetsink chained w1024 (default)".into(),
+                OrderingMode::Chained,
+                OrderingKey::Sink,
+                1024,
+                true,
+            ),
+            jetsink(
+                "jetsink chained w256".into(),
+                OrderingMode::Chained,
+                OrderingKey::Sink,
+                256,
+                false,
+            ),
+            jetsink(
+                format!("jetsink per-key-serial x{TENANTS}"),
+                OrderingMode::PerKeySerial,
+                OrderingKey::Tenant,
+                1024,
+                false,
+            ),
+            jetsink(
+                "jetsink unordered w1024".into(),
+                OrderingMode::Unordered,
+                OrderingKey::Sink,
+                1024,
+                false,
+            ),
+        ]
+        .into_iter()
+        .filter(|s| only.is_none_or(|o| s.name().contains(o))),
+    );
+    specs
+}
+
+/// One row per spec: the median round by rate, with the paired ratios' spreads.
+fn summarize(rounds: &[Vec<Row>]) -> Vec<Row> {
+    let Some(first) = rounds.first() else {
+        return Vec::new();
+    };
+    let serial_at = first.iter().position(|r| r.name == "serial ack");
+    (0..first.len())
+        .map(|i| {
+            let mut of_row: Vec<&Row> = rounds.iter().map(|r| &r[i]).collect();
+            let ratios = |base: usize| -> Option<Spread> {
+                let mut v: Vec<f64> = rounds
+                    .iter()
+                    .map(|r| r[i].rate() / r[base].rate().max(1e-9))
+                    .collect();
+                Spread::of(&mut v)
+            };
+            let vs_ref = ratios(0);
+            let vs_serial = if of_row[0].jetsink {
+                serial_at.and_then(ratios)
+            } else {
+                None
+            };
+            of_row.sort_by(|a, b| a.rate().total_cmp(&b.rate()));
+            let mut row = of_row[(of_row.len() - 1) / 2].clone();
+            row.vs_ref = vs_ref;
+            row.vs_serial = vs_serial;
+            row
+        })
+        .collect()
+}
+
+/// The round with the median p99 (send latency is measured on the default chained row).
+fn median_latency(latencies: &mut [Latency]) -> Option<Latency> {
+    latencies.sort_by(|a, b| a.p99.total_cmp(&b.p99));
+    latencies.get(latencies.len().checked_sub(1)? / 2).copied()
 }
 
 impl Row {
@@ -112,12 +267,15 @@ struct Bench {
     base: SinkConfig,
     prefix: String,
     round: u64,
+    /// The server's process id, when it runs on this machine (for its CPU column).
+    server_pid: Option<u32>,
 }
 
 /// Runs the benchmark and prints one table (or JSON).
 pub async fn run(args: BenchArgs, common: &crate::config::Common) -> anyhow::Result<ExitCode> {
     anyhow::ensure!(args.events > 0, "--events must be at least 1");
     anyhow::ensure!(args.serial_events > 0, "--serial-events must be at least 1");
+    anyhow::ensure!(args.rounds > 0, "--rounds must be at least 1");
     // Never the default URL: the benchmark creates and deletes streams on the server it is given.
     anyhow::ensure!(
         common.url.is_some() || common.config.is_some(),
@@ -137,6 +295,7 @@ pub async fn run(args: BenchArgs, common: &crate::config::Common) -> anyhow::Res
         base,
         prefix,
         round: 0,
+        server_pid: args.server_pid,
     };
     let progress = |s: &str| {
         if !args.json {
@@ -159,65 +318,48 @@ pub async fn run(args: BenchArgs, common: &crate::config::Common) -> anyhow::Res
             )
             .await?;
     }
-    let mut rows = Vec::new();
-    progress(&format!("(a) reference: fire-and-forget, {n} events"));
-    rows.push(bench.reference(n).await?);
-    progress(&format!("(b) serial ack, {} events", args.serial_events));
-    rows.push(bench.serial(args.serial_events).await?);
-    progress(&format!(
-        "(c) raw pipelined window {RAW_WINDOW}, {n} events"
-    ));
-    rows.push(bench.raw_pipelined(n).await?);
-    progress(&format!("(d) jetsink chained window 256, {n} events"));
-    let (row, latency) = bench
-        .jetsink(
-            "jetsink chained w256",
-            n,
-            OrderingMode::Chained,
-            OrderingKey::Sink,
-            256,
-            true,
-        )
-        .await?;
-    rows.push(row);
-    progress(&format!("(d) jetsink chained window 1024, {n} events"));
-    let (row, latency_1024) = bench
-        .jetsink(
-            "jetsink chained w1024",
-            n,
-            OrderingMode::Chained,
-            OrderingKey::Sink,
-            1024,
-            true,
-        )
-        .await?;
-    rows.push(row);
-    progress(&format!(
-        "(e) jetsink per-key-serial, {TENANTS} tenants, {n} events"
-    ));
-    let (row, _) = bench
-        .jetsink(
-            &format!("jetsink per-key-serial x{TENANTS}"),
-            n,
-            OrderingMode::PerKeySerial,
-            OrderingKey::Tenant,
-            1024,
-            false,
-        )
-        .await?;
-    rows.push(row);
-    progress(&format!("(f) jetsink unordered window 1024, {n} events"));
-    let (row, _) = bench
-        .jetsink(
-            "jetsink unordered w1024",
-            n,
-            OrderingMode::Unordered,
-            OrderingKey::Sink,
-            1024,
-            false,
-        )
-        .await?;
-    rows.push(row);
+    let specs = row_specs(args.only.as_deref());
+    // Rounds interleave the rows, so a slow spell of the machine hits every row alike; each
+    // row reports its median round, and its ratio is the median of the per-round ratios.
+    let mut rounds: Vec<Vec<Row>> = Vec::new();
+    let mut latencies = Vec::new();
+    for round in 1..=args.rounds {
+        let mut rows = Vec::with_capacity(specs.len());
+        for spec in &specs {
+            let events = match spec {
+                RowSpec::Serial => args.serial_events,
+                _ => n,
+            };
+            progress(&format!(
+                "round {round}/{}: {}, {events} events",
+                args.rounds,
+                spec.name()
+            ));
+            let row = match spec {
+                RowSpec::Reference => bench.reference(events).await?,
+                RowSpec::NoReply => bench.no_reply(events).await?,
+                RowSpec::Serial => bench.serial(events).await?,
+                RowSpec::Raw => bench.raw_pipelined(events).await?,
+                RowSpec::Jetsink {
+                    name,
+                    mode,
+                    key,
+                    window,
+                    measure_send,
+                } => {
+                    let (row, latency) = bench
+                        .jetsink(name, events, *mode, *key, *window, *measure_send)
+                        .await?;
+                    latencies.extend(latency);
+                    row
+                }
+            };
+            rows.push(row);
+        }
+        rounds.push(rows);
+    }
+    let rows = summarize(&rounds);
+    let latency = median_latency(&mut latencies);
 
     let memory = if args.outage_secs > 0 {
         progress(&format!("memory: {} s blackholed broker", args.outage_secs));
@@ -226,7 +368,6 @@ pub async fn run(args: BenchArgs, common: &crate::config::Common) -> anyhow::Res
         None
     };
 
-    let latency = latency.or(latency_1024);
     if args.json {
         println!(
             "{}",
@@ -264,10 +405,45 @@ impl Bench {
         let _ = self.js.delete_stream(name).await;
     }
 
-    /// (a) Core publishes with the sink's headers, nothing awaited; timed until the stream holds all.
+    /// (a) The reference, the seed's way: JetStream publishes whose ack futures are dropped (the
+    /// server still answers each one; nobody waits), timed until the stream holds all N.
     async fn reference(&mut self, n: usize) -> anyhow::Result<Row> {
         let (stream, subject) = self.fresh_stream("ref").await?;
         let batch = Batch::new(n, self.round);
+        let cpu = Cpu::start(self.server_pid);
+        let start = Instant::now();
+        for event in &batch.events {
+            let (subj, headers, w) = wire(event, &subject)?;
+            drop(
+                self.js
+                    .publish_with_headers(subj, headers, w.body)
+                    .await
+                    .context("publish")?,
+            );
+        }
+        let submit_secs = start.elapsed().as_secs_f64();
+        self.await_stored(&stream, n, start).await?;
+        let secs = start.elapsed().as_secs_f64();
+        let cpu = cpu.stop();
+        self.drop_stream(&stream).await;
+        Ok(Row {
+            name: "reference: publish, ack dropped".into(),
+            events: n,
+            secs,
+            jetsink: false,
+            vs_ref: None,
+            vs_serial: None,
+            submit_secs,
+            cpu,
+        })
+    }
+
+    /// (a') Core publishes without a reply subject: the server sends no acks at all. Not a target,
+    /// shown to tell what the acks themselves cost the server and the client.
+    async fn no_reply(&mut self, n: usize) -> anyhow::Result<Row> {
+        let (stream, subject) = self.fresh_stream("noreply").await?;
+        let batch = Batch::new(n, self.round);
+        let cpu = Cpu::start(self.server_pid);
         let start = Instant::now();
         for event in &batch.events {
             let (subj, headers, w) = wire(event, &subject)?;
@@ -277,36 +453,46 @@ impl Bench {
                 .context("core publish")?;
         }
         let submit_secs = start.elapsed().as_secs_f64();
+        self.await_stored(&stream, n, start).await?;
+        let secs = start.elapsed().as_secs_f64();
+        let cpu = cpu.stop();
+        self.drop_stream(&stream).await;
+        Ok(Row {
+            name: "core publish, no reply (info)".into(),
+            events: n,
+            secs,
+            jetsink: false,
+            vs_ref: None,
+            vs_serial: None,
+            submit_secs,
+            cpu,
+        })
+    }
+
+    /// Flushes the client and waits until `stream` holds `n` messages (at most 120 s after `start`).
+    async fn await_stored(&self, stream: &str, n: usize, start: Instant) -> anyhow::Result<()> {
         self.client.flush().await.context("flush")?;
-        let mut handle = self.js.get_stream(&stream).await?;
+        let mut handle = self.js.get_stream(stream).await?;
         let deadline = start + Duration::from_secs(120);
         loop {
             let info = handle.info().await?;
             if info.state.messages >= n as u64 {
-                break;
+                return Ok(());
             }
             anyhow::ensure!(
                 Instant::now() < deadline,
-                "reference: stream holds {} of {n} after 120 s",
+                "{stream}: stream holds {} of {n} after 120 s",
                 info.state.messages
             );
             tokio::time::sleep(Duration::from_millis(2)).await;
         }
-        let secs = start.elapsed().as_secs_f64();
-        self.drop_stream(&stream).await;
-        Ok(Row {
-            name: "reference: fire-and-forget".into(),
-            events: n,
-            secs,
-            jetsink: false,
-            submit_secs,
-        })
     }
 
     /// (b) JetStream publish, each ack awaited before the next publish.
     async fn serial(&mut self, n: usize) -> anyhow::Result<Row> {
         let (stream, subject) = self.fresh_stream("serial").await?;
         let batch = Batch::new(n, self.round);
+        let cpu = Cpu::start(self.server_pid);
         let start = Instant::now();
         for event in &batch.events {
             let (subj, headers, w) = wire(event, &subject)?;
@@ -318,6 +504,7 @@ impl Bench {
                 .context("ack")?;
         }
         let secs = start.elapsed().as_secs_f64();
+        let cpu = cpu.stop();
         let submit_secs = secs;
         self.drop_stream(&stream).await;
         Ok(Row {
@@ -325,7 +512,10 @@ impl Bench {
             events: n,
             secs,
             jetsink: false,
+            vs_ref: None,
+            vs_serial: None,
             submit_secs,
+            cpu,
         })
     }
 
@@ -333,6 +523,7 @@ impl Bench {
     async fn raw_pipelined(&mut self, n: usize) -> anyhow::Result<Row> {
         let (stream, subject) = self.fresh_stream("raw").await?;
         let batch = Batch::new(n, self.round);
+        let cpu = Cpu::start(self.server_pid);
         let start = Instant::now();
         let mut acks: FuturesUnordered<
             <jetstream::context::PublishAckFuture as IntoFuture>::IntoFuture,
@@ -356,13 +547,17 @@ impl Bench {
             ack.context("ack")?;
         }
         let secs = start.elapsed().as_secs_f64();
+        let cpu = cpu.stop();
         self.drop_stream(&stream).await;
         Ok(Row {
             name: format!("raw pipelined w{RAW_WINDOW}"),
             events: n,
             secs,
             jetsink: false,
+            vs_ref: None,
+            vs_serial: None,
             submit_secs,
+            cpu,
         })
     }
 
@@ -398,6 +593,7 @@ impl Bench {
         let batch = Batch::new(n, self.round);
         let mut pendings: Vec<Pending> = Vec::with_capacity(n);
         let mut nanos: Vec<u64> = Vec::with_capacity(if measure_send { n } else { 0 });
+        let cpu = Cpu::start(self.server_pid);
         let start = Instant::now();
         for event in batch.events {
             if measure_send {
@@ -417,6 +613,7 @@ impl Bench {
             }
         }
         let secs = start.elapsed().as_secs_f64();
+        let cpu = cpu.stop();
         let report = sink.close(Duration::from_secs(10)).await;
         self.drop_stream(&stream).await;
         if let Some(e) = failed {
@@ -433,7 +630,10 @@ impl Bench {
                 events: n,
                 secs,
                 jetsink: true,
+                vs_ref: None,
+                vs_serial: None,
                 submit_secs,
+                cpu,
             },
             latency,
         ))
@@ -525,6 +725,51 @@ impl Bench {
     }
 }
 
+/// CPU seconds (user + system) of this process and of the server during one row.
+#[derive(Debug, Clone, Copy, Default)]
+struct CpuUse {
+    client: f64,
+    server: Option<f64>,
+}
+
+/// A CPU measurement in progress.
+struct Cpu {
+    server_pid: Option<u32>,
+    client: Option<f64>,
+    server: Option<f64>,
+}
+
+impl Cpu {
+    fn start(server_pid: Option<u32>) -> Cpu {
+        Cpu {
+            server_pid,
+            client: cpu_secs("self"),
+            server: server_pid.and_then(|p| cpu_secs(&p.to_string())),
+        }
+    }
+
+    fn stop(self) -> CpuUse {
+        let since = |before: Option<f64>, now: Option<f64>| Some(now? - before?);
+        CpuUse {
+            client: since(self.client, cpu_secs("self")).unwrap_or(0.0),
+            server: self
+                .server_pid
+                .and_then(|p| since(self.server, cpu_secs(&p.to_string()))),
+        }
+    }
+}
+
+/// User + system CPU seconds of `/proc/<pid>` (clock ticks of 1/100 s, Linux's fixed `USER_HZ`).
+fn cpu_secs(pid: &str) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the parenthesised command name, which may itself hold spaces.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // utime and stime are fields 14 and 15 of the whole line, 12 and 13 after the name.
+    let ticks: u64 = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+    Some(ticks as f64 / 100.0)
+}
+
 impl Batch {
     fn new(n: usize, round: u64) -> Batch {
         Batch {
@@ -595,39 +840,50 @@ fn rss_kib() -> anyhow::Result<u64> {
 }
 
 fn print_table(rows: &[Row], latency: Option<Latency>, memory: Option<&Memory>) {
-    let reference = rows.first().map_or(1.0, Row::rate);
-    let serial = rows
-        .iter()
-        .find(|r| r.name == "serial ack")
-        .map_or(1.0, Row::rate);
     let width = rows.iter().map(|r| r.name.len()).max().unwrap_or(0).max(4);
     println!(
-        "{:<width$}  {:>8}  {:>8}  {:>10}  {:>7}  {:>9}  {:>9}",
-        "row", "events", "secs", "events/s", "vs ref", "vs serial", "submit %"
+        "{:<width$}  {:>8}  {:>8}  {:>10}  {:>19}  {:>20}  {:>8}  {:>9}  {:>9}",
+        "row",
+        "events",
+        "secs",
+        "events/s",
+        "vs ref (min-max)",
+        "vs serial (min-max)",
+        "submit %",
+        "cpu us/ev",
+        "srv us/ev"
     );
-    println!("{}", "-".repeat(width + 63));
+    println!("{}", "-".repeat(width + 112));
+    let spread = |s: Option<Spread>, digits: usize| {
+        s.map_or_else(String::new, |s| {
+            format!(
+                "{:.digits$}x ({:.digits$}-{:.digits$})",
+                s.median, s.min, s.max
+            )
+        })
+    };
     for r in rows {
-        let vs_serial = if r.jetsink {
-            format!("{:.1}x", r.rate() / serial)
-        } else {
-            String::new()
-        };
+        let per_event = |secs: f64| format!("{:.2}", secs * 1e6 / r.events.max(1) as f64);
         println!(
-            "{:<width$}  {:>8}  {:>8.2}  {:>10.0}  {:>6.2}x  {:>9}  {:>8.0}%",
+            "{:<width$}  {:>8}  {:>8.2}  {:>10.0}  {:>19}  {:>20}  {:>7.0}%  {:>9}  {:>9}",
             r.name,
             r.events,
             r.secs,
             r.rate(),
-            r.rate() / reference,
-            vs_serial,
-            100.0 * r.submit_secs / r.secs.max(1e-9)
+            spread(r.vs_ref, 2),
+            spread(r.vs_serial, 1),
+            100.0 * r.submit_secs / r.secs.max(1e-9),
+            per_event(r.cpu.client),
+            r.cpu.server.map_or_else(|| "-".into(), per_event)
         );
     }
     println!("targets: jetsink >= 0.90x reference, >= 8x serial");
+    println!("each row is its median round; ratios are medians of per-round ratios (same round, same server)");
     println!("submit %: share of the row's time until the last publish/send returned (the rest waits for acks)");
+    println!("cpu / srv us/ev: CPU time of this process / of the server per event during the row (10 ms ticks)");
     if let Some(l) = latency {
         println!(
-            "send (enqueue) latency, chained run: p50 {:.1} us  p99 {:.1} us  p999 {:.1} us  max {:.0} us  (target p99 <= 20 us)",
+            "send (enqueue) latency, default chained run: p50 {:.1} us  p99 {:.1} us  p999 {:.1} us  max {:.0} us  (target p99 <= 20 us)",
             l.p50, l.p99, l.p999, l.max
         );
     }
@@ -650,11 +906,9 @@ fn print_table(rows: &[Row], latency: Option<Latency>, memory: Option<&Memory>) 
 }
 
 fn to_json(rows: &[Row], latency: Option<Latency>, memory: Option<&Memory>) -> serde_json::Value {
-    let reference = rows.first().map_or(1.0, Row::rate);
-    let serial = rows
-        .iter()
-        .find(|r| r.name == "serial ack")
-        .map_or(1.0, Row::rate);
+    let spread = |s: Option<Spread>| {
+        s.map(|s| serde_json::json!({ "median": s.median, "min": s.min, "max": s.max }))
+    };
     serde_json::json!({
         "rows": rows.iter().map(|r| serde_json::json!({
             "name": r.name,
@@ -662,8 +916,10 @@ fn to_json(rows: &[Row], latency: Option<Latency>, memory: Option<&Memory>) -> s
             "secs": r.secs,
             "submit_secs": r.submit_secs,
             "rate": r.rate(),
-            "vs_reference": r.rate() / reference,
-            "vs_serial": if r.jetsink { Some(r.rate() / serial) } else { None },
+            "cpu_secs": r.cpu.client,
+            "server_cpu_secs": r.cpu.server,
+            "vs_reference": spread(r.vs_ref),
+            "vs_serial": spread(r.vs_serial),
         })).collect::<Vec<_>>(),
         "send_latency_us": latency.map(|l| serde_json::json!({
             "p50": l.p50, "p99": l.p99, "p999": l.p999, "max": l.max,

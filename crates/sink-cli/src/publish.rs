@@ -43,7 +43,7 @@ pub struct PublishArgs {
     /// What to do with the stream at start
     #[arg(long, value_enum, default_value_t = PolicyArg::Verify)]
     pub stream_policy: PolicyArg,
-    /// Publishes in flight [default: 256]
+    /// Publishes in flight [default: 1024]
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
     pub window: Option<u64>,
     /// How order is kept
