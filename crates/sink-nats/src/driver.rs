@@ -54,6 +54,7 @@ pub(crate) enum Command {
         message: Message,
         event_id: String,
         permits: Permits,
+        span: tracing::Span,
         reply: oneshot::Sender<Result<Receipt, EmitError>>,
     },
     Flush {
@@ -72,6 +73,9 @@ pub(crate) struct Started {
     pub server_version: String,
     pub max_payload: usize,
     duplicate_window: Option<Duration>,
+    /// Whether the stream policy has been applied (always, except when the server stayed down
+    /// through a retry-on-initial-connect start: then the driver checks after it connects).
+    stream_checked: bool,
 }
 
 /// Builds the client options from the config (credentials go only to the client).
@@ -249,8 +253,10 @@ pub(crate) async fn start(config: &SinkConfig, subjects: &Subjects) -> Result<St
     }
     let info = client.server_info();
     let mut duplicate_window = None;
-    if config.stream_policy != StreamPolicy::Off && !info.server_id.is_empty() {
+    let mut stream_checked = config.stream_policy == StreamPolicy::Off;
+    if !stream_checked && !info.server_id.is_empty() {
         duplicate_window = Some(check_stream(&client, config, subjects, &servers).await?);
+        stream_checked = true;
     }
     Ok(Started {
         server_version: info.version.clone(),
@@ -262,6 +268,7 @@ pub(crate) async fn start(config: &SinkConfig, subjects: &Subjects) -> Result<St
         client,
         events: ev_rx,
         duplicate_window,
+        stream_checked,
     })
 }
 
@@ -406,6 +413,8 @@ pub(crate) fn outbox_config(config: &SinkConfig) -> OutboxConfig {
 struct Waiter {
     event_id: String,
     msg_id: sink_core::event::MsgId,
+    /// The event's `jetsink.event` span: the parent of every per-event record.
+    span: tracing::Span,
     reply: oneshot::Sender<Result<Receipt, EmitError>>,
     _permits: Permits,
     first_sent: Option<Instant>,
@@ -484,13 +493,20 @@ struct Driver {
     delivered: u64,
     rejected: u64,
     stream_recreate_at: Option<Instant>,
-    /// The template's subject filter, for re-creating the stream (policy Create).
-    subject_filter: String,
+    /// The subject template, for checking and re-creating the stream.
+    subjects: Subjects,
+    /// False until the stream policy has been applied; nothing is transmitted before.
+    stream_checked: bool,
+    /// When to (re)try the deferred stream check.
+    stream_check_at: Option<Instant>,
 }
+
+/// How long the driver waits before repeating a deferred stream check that failed.
+const STREAM_RECHECK: Duration = Duration::from_secs(1);
 
 pub(crate) fn spawn(
     config: SinkConfig,
-    subject_filter: String,
+    subjects: Subjects,
     started: Started,
     commands: mpsc::UnboundedReceiver<Command>,
     shared: Arc<Shared>,
@@ -509,7 +525,9 @@ pub(crate) fn spawn(
         delivered: 0,
         rejected: 0,
         stream_recreate_at: None,
-        subject_filter,
+        subjects,
+        stream_checked: started.stream_checked,
+        stream_check_at: (!started.stream_checked).then(Instant::now),
     };
     tokio::spawn(driver.run(commands, started.events));
 }
@@ -539,8 +557,15 @@ impl Driver {
         let mut closing: Option<(Instant, oneshot::Sender<CloseReport>)> = None;
         let mut commands_open = true;
         loop {
+            if self.stream_check_at.is_some_and(|t| Instant::now() >= t) {
+                self.deferred_stream_check().await;
+            }
             let now = Instant::now();
-            while let Some(out) = self.outbox.poll_output(now) {
+            // Until the stream policy has been applied nothing goes out: events stay queued.
+            while self.stream_checked {
+                let Some(out) = self.outbox.poll_output(now) else {
+                    break;
+                };
                 self.apply(out, now).await;
             }
             self.publish_state();
@@ -556,6 +581,7 @@ impl Driver {
                 self.outbox.poll_timeout(),
                 closing.as_ref().map(|c| c.0),
                 self.stream_recreate_at,
+                self.stream_check_at,
             ]
             .into_iter()
             .flatten()
@@ -620,9 +646,11 @@ impl Driver {
                 message,
                 event_id,
                 permits,
+                span,
                 reply,
             } => {
                 if closing.is_some() {
+                    tracing::debug!(parent: &span, "refused: the sink is closing");
                     let _ = reply.send(Err(EmitError::Closed));
                     return;
                 }
@@ -634,6 +662,7 @@ impl Driver {
                             Waiter {
                                 event_id,
                                 msg_id,
+                                span,
                                 reply,
                                 _permits: permits,
                                 first_sent: None,
@@ -685,6 +714,12 @@ impl Driver {
                 let _ = write!(reply, ".{}.{}", t.seq, t.attempt);
                 m::published(t.attempt > 1);
                 if let Some(w) = self.waiters.get_mut(t.seq) {
+                    tracing::trace!(
+                        parent: &w.span,
+                        attempt = t.attempt,
+                        expected_last = t.expected_last_msg_id.as_ref().map(|m| m.as_str()),
+                        "transmit"
+                    );
                     match w.first_sent {
                         None => w.first_sent = Some(now),
                         Some(first) => {
@@ -696,6 +731,7 @@ impl Driver {
                                         .retried_beyond_window
                                         .fetch_add(1, Ordering::Relaxed);
                                     tracing::warn!(
+                                        parent: &w.span,
                                         ce.id = %w.event_id,
                                         waited = ?now.duration_since(first),
                                         ?window,
@@ -727,7 +763,14 @@ impl Driver {
                 self.delivered += 1;
                 m::acked(ack.duplicate);
                 if let Some(w) = self.waiters.remove(seq) {
-                    tracing::debug!(ce.id = %w.event_id, seq = ack.sequence, duplicate = ack.duplicate, "delivered");
+                    w.span.record("stream_seq", ack.sequence);
+                    tracing::debug!(
+                        parent: &w.span,
+                        ce.id = %w.event_id,
+                        seq = ack.sequence,
+                        duplicate = ack.duplicate,
+                        "delivered"
+                    );
                     let _ = w.reply.send(Ok(receipt(ack, w.msg_id)));
                 }
                 self.settle_flushes();
@@ -736,7 +779,7 @@ impl Driver {
                 self.rejected += 1;
                 m::rejected();
                 if let Some(w) = self.waiters.remove(seq) {
-                    tracing::warn!(ce.id = %w.event_id, %rejection, "rejected by the broker");
+                    tracing::warn!(parent: &w.span, ce.id = %w.event_id, %rejection, "rejected by the broker");
                     let _ = w.reply.send(Err(EmitError::Rejected {
                         event_id: w.event_id,
                         rejection,
@@ -751,7 +794,12 @@ impl Driver {
                 reason,
             } => {
                 m::retry();
-                tracing::debug!(seq, retry, ?delay, %reason, "retrying");
+                match self.waiters.get_mut(seq) {
+                    Some(w) => {
+                        tracing::debug!(parent: &w.span, ce.id = %w.event_id, retry, ?delay, %reason, "retrying from this event")
+                    }
+                    None => tracing::debug!(seq, retry, ?delay, %reason, "retrying"),
+                }
                 self.shared.set_error(reason);
             }
             Output::Breaker(event) => {
@@ -812,11 +860,40 @@ impl Driver {
                 self.shared.set_error("disconnected");
                 self.outbox.handle_connection_lost(Instant::now());
             }
-            async_nats::Event::Connected => tracing::info!("connected"),
+            async_nats::Event::Connected => {
+                tracing::info!("connected");
+                if !self.stream_checked {
+                    self.stream_check_at = Some(Instant::now());
+                }
+            }
             async_nats::Event::LameDuckMode => {
                 tracing::info!("server entered lame duck mode")
             }
             other => tracing::debug!(event = %other, "client event"),
+        }
+    }
+
+    /// Applies the stream policy once the client is connected (the server was down at start).
+    /// Until it passes, events stay queued and `health().last_error` says why.
+    async fn deferred_stream_check(&mut self) {
+        if self.client.connection_state() != async_nats::connection::State::Connected {
+            self.stream_check_at = None; // the Connected event brings it back
+            return;
+        }
+        let servers = redacted_servers(&self.config.servers);
+        match check_stream(&self.client, &self.config, &self.subjects, &servers).await {
+            Ok(window) => {
+                tracing::info!(stream = %self.config.stream, "stream checked after the first connection");
+                self.duplicate_window = Some(window);
+                self.stream_checked = true;
+                self.stream_check_at = None;
+            }
+            Err(e) => {
+                let text = format!("{e}; events stay queued until the stream check passes");
+                tracing::warn!(error = %text, "stream check failed");
+                self.shared.set_error(text);
+                self.stream_check_at = Some(Instant::now() + STREAM_RECHECK);
+            }
         }
     }
 
@@ -828,7 +905,7 @@ impl Driver {
         match js
             .create_stream(new_stream_config(
                 &self.config.stream,
-                vec![self.subject_filter.clone()],
+                vec![self.subjects.filter()],
             ))
             .await
         {
@@ -868,6 +945,12 @@ impl Driver {
         let mut not_delivered = Vec::new();
         for a in abandoned {
             if let Some(w) = self.waiters.remove(a.seq) {
+                tracing::warn!(
+                    parent: &w.span,
+                    ce.id = %w.event_id,
+                    transmitted = a.transmitted,
+                    "not delivered before the close deadline"
+                );
                 let _ = w.reply.send(Err(EmitError::NotDelivered {
                     event_id: w.event_id.clone(),
                     transmitted: a.transmitted,

@@ -12,6 +12,7 @@ use sink_core::encoding::{self, Encoding};
 use sink_core::event::{CloudEvent, MsgId};
 use sink_core::outbox::{BreakerOpenPolicy, Message, OrderingMode};
 use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
+use tracing::Instrument as _;
 
 use crate::config::{Auth, OrderingKey, SinkConfig, StreamPolicy, Tls, WhenFull};
 use crate::driver::{self, Command, Permits};
@@ -160,17 +161,23 @@ impl JetStreamSink {
 
     /// Queues one event and returns once it is accepted; the returned [`Pending`] resolves when it
     /// is stored. Waits for room only under [`WhenFull::Block`].
+    ///
+    /// Each event gets a `jetsink.event` tracing span (level DEBUG) carrying its CloudEvent id,
+    /// source and type; the driver's per-event records (transmit, retry, delivered with the stream
+    /// sequence, rejected, not delivered) are emitted inside it.
     pub async fn send(&self, event: CloudEvent) -> Result<Pending, EmitError> {
+        let span = event_span(&event);
         let (message, event_id) = self.prepare(&event)?;
-        let permits = self.admit(message.size()).await?;
-        self.enqueue(message, event_id, permits)
+        let permits = self.admit(message.size()).instrument(span.clone()).await?;
+        self.enqueue(message, event_id, permits, span)
     }
 
     /// Like [`send`](Self::send) but never waits: a full queue fails at once.
     pub fn try_send(&self, event: CloudEvent) -> Result<Pending, EmitError> {
+        let span = event_span(&event);
         let (message, event_id) = self.prepare(&event)?;
         let permits = self.try_admit(message.size(), Duration::ZERO)?;
-        self.enqueue(message, event_id, permits)
+        self.enqueue(message, event_id, permits, span)
     }
 
     /// Waits until every event accepted before this call has an outcome.
@@ -334,6 +341,7 @@ impl JetStreamSink {
         message: Message,
         event_id: String,
         permits: Permits,
+        span: tracing::Span,
     ) -> Result<Pending, EmitError> {
         let (reply, rx) = oneshot::channel();
         self.inner
@@ -342,11 +350,23 @@ impl JetStreamSink {
                 message,
                 event_id,
                 permits,
+                span,
                 reply,
             })
             .map_err(|_| EmitError::Closed)?;
         Ok(Pending { rx })
     }
+}
+
+/// The per-event span; disabled (and nearly free) unless a subscriber wants DEBUG for this crate.
+fn event_span(event: &CloudEvent) -> tracing::Span {
+    tracing::debug_span!(
+        "jetsink.event",
+        ce.id = %event.id,
+        ce.source = %event.source,
+        ce.type = %event.ty,
+        stream_seq = tracing::field::Empty,
+    )
 }
 
 fn permit_count(size: usize) -> u32 {
@@ -518,7 +538,7 @@ impl SinkBuilder {
         let max_payload = started.max_payload;
         driver::spawn(
             config.clone(),
-            subjects.filter(),
+            subjects.clone(),
             started,
             rx,
             shared.clone(),
