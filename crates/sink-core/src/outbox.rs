@@ -843,7 +843,25 @@ impl Outbox {
             self.broker_answered(now);
             return;
         }
-        if actual.as_deref().is_none_or(str::is_empty) && self.ordering == OrderingMode::Chained {
+        // The stream's last message is one of our *later* events: it was stored before a fault
+        // whose acks were lost, and this re-send comes after the duplicate window expired (within
+        // it the broker would have answered `duplicate`). A chained event is stored only right
+        // after its predecessor, so everything from here to that event is stored; the chain
+        // cannot continue from our predecessor's id. Re-anchor here, as for a stream that forgot
+        // its last id: those events are stored a second time (RELIABILITY.md F3 allows copies
+        // beyond the window) and nothing is stored out of order. Failing instead would retry
+        // the same answer forever.
+        let later_of_ours = self.ordering == OrderingMode::Chained
+            && actual.as_deref().is_some_and(|a| {
+                self.entries
+                    .iter()
+                    .skip(i + 1)
+                    .any(|e| e.message.msg_id.as_str() == a)
+            });
+        if later_of_ours
+            || (actual.as_deref().is_none_or(str::is_empty)
+                && self.ordering == OrderingMode::Chained)
+        {
             // The predecessor is stored but the stream reports no last id (it does not keep it
             // across a restart): nothing can be out of order before this event, so send it once
             // without the check to re-anchor the chain.

@@ -468,3 +468,38 @@ fn rejection_releases_a_hold_on_a_rewound_event() {
         sim.trace_text()
     );
 }
+
+#[test]
+fn wrong_last_naming_a_later_event_of_ours_reanchors_instead_of_retrying_forever() {
+    // The acks of #2-#5 are lost after the broker stored them, and the duplicate window (500 ms)
+    // is over before the ack timeout (1 s) re-sends #2. The broker then answers 10070 naming m5,
+    // a later event of ours: #2-#5 are stored, so the chain re-anchors at #2 and stores copies
+    // (allowed beyond the window) instead of failing the same way on every retry.
+    let broker = ScriptedBroker::new(
+        BrokerConfig {
+            duplicate_window: Duration::from_millis(500),
+            ..BrokerConfig::default()
+        },
+        FaultScript::none()
+            .at(1, Fault::LoseAck)
+            .at(2, Fault::LoseAck)
+            .at(3, Fault::LoseAck)
+            .at(4, Fault::LoseAck),
+    );
+    let mut sim = Sim::new(config(OrderingMode::Chained, 4), broker).expect("valid config");
+    push_n(&mut sim, &["a"]);
+    sim.run_until_idle(IDLE).expect("idle");
+    push_n(&mut sim, &["a", "a", "a", "a"]);
+    finish(&mut sim);
+    assert_eq!(
+        stored_ids(&sim),
+        ["m1", "m2", "m3", "m4", "m5", "m2", "m3", "m4", "m5"]
+    );
+    for seq in 2..=5 {
+        let (sequence, duplicate) = delivered(&sim, seq);
+        assert_eq!((sequence, duplicate), (seq + 4, false), "#{seq}");
+    }
+    assert_eq!(sim.outbox().ordering(), OrderingMode::Chained);
+    assert_eq!(sim.stats().fallbacks, 0);
+    assert_eq!(sim.outbox().breaker(), BreakerState::Closed { failures: 0 });
+}

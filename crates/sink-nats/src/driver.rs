@@ -418,6 +418,9 @@ struct Waiter {
     reply: oneshot::Sender<Result<Receipt, EmitError>>,
     _permits: Permits,
     first_sent: Option<Instant>,
+    /// Transmissions so far.
+    transmits: u32,
+    /// Reported as possibly stored twice (beyond the duplicate window) already.
     span_warned: bool,
 }
 
@@ -666,6 +669,7 @@ impl Driver {
                                 reply,
                                 _permits: permits,
                                 first_sent: None,
+                                transmits: 0,
                                 span_warned: false,
                             },
                         );
@@ -714,6 +718,7 @@ impl Driver {
                 let _ = write!(reply, ".{}.{}", t.seq, t.attempt);
                 m::published(t.attempt > 1);
                 if let Some(w) = self.waiters.get_mut(t.seq) {
+                    w.transmits += 1;
                     tracing::trace!(
                         parent: &w.span,
                         attempt = t.attempt,
@@ -724,19 +729,14 @@ impl Driver {
                         None => w.first_sent = Some(now),
                         Some(first) => {
                             if let Some(window) = self.duplicate_window {
-                                if now.duration_since(first) > window && !w.span_warned {
-                                    w.span_warned = true;
-                                    m::retry_beyond_window();
-                                    self.shared
-                                        .retried_beyond_window
-                                        .fetch_add(1, Ordering::Relaxed);
-                                    tracing::warn!(
-                                        parent: &w.span,
-                                        ce.id = %w.event_id,
-                                        waited = ?now.duration_since(first),
-                                        ?window,
+                                if now.duration_since(first) > window {
+                                    beyond_window(
+                                        w,
+                                        &self.shared,
+                                        now.duration_since(first),
+                                        window,
                                         "retrying beyond the stream's duplicate window: \
-                                         a copy stored earlier would no longer be deduplicated"
+                                         a copy stored earlier would no longer be deduplicated",
                                     );
                                 }
                             }
@@ -762,7 +762,22 @@ impl Driver {
             Output::Delivered { seq, ack } => {
                 self.delivered += 1;
                 m::acked(ack.duplicate);
-                if let Some(w) = self.waiters.remove(seq) {
+                if let Some(mut w) = self.waiters.remove(seq) {
+                    // A re-send issued within the window can still reach the broker after it,
+                    // when the client held it through a reconnect: judge by the ack too.
+                    if let (Some(first), Some(window)) = (w.first_sent, self.duplicate_window) {
+                        let waited = now.duration_since(first);
+                        if !ack.duplicate && w.transmits > 1 && waited > window {
+                            beyond_window(
+                                &mut w,
+                                &self.shared,
+                                waited,
+                                window,
+                                "stored as new more than the duplicate window after its first \
+                                 transmission: a copy stored earlier may also be in the stream",
+                            );
+                        }
+                    }
                     w.span.record("stream_seq", ack.sequence);
                     tracing::debug!(
                         parent: &w.span,
@@ -965,6 +980,23 @@ impl Driver {
             not_delivered,
         }
     }
+}
+
+/// Counts (once per event) and reports an event whose copies may escape deduplication.
+fn beyond_window(
+    w: &mut Waiter,
+    shared: &Shared,
+    waited: Duration,
+    window: Duration,
+    what: &'static str,
+) {
+    if w.span_warned {
+        return;
+    }
+    w.span_warned = true;
+    m::retry_beyond_window();
+    shared.retried_beyond_window.fetch_add(1, Ordering::Relaxed);
+    tracing::warn!(parent: &w.span, ce.id = %w.event_id, ?waited, ?window, "{what}");
 }
 
 fn receipt(ack: Ack, msg_id: sink_core::event::MsgId) -> Receipt {

@@ -16,7 +16,10 @@ use sink_nats::{
     classify, new_stream_config, BreakerStatus, EmitError, JetStreamSink, OrderingMode, Pending,
     StartError, StreamPolicy, Verdict,
 };
-use sink_testkit::{read_stream, AuditReport, Expected, NatsServer, ServerOptions, ServerVersion};
+use sink_testkit::{
+    read_stream, AuditReport, Direction, Expected, FaultProxy, NatsServer, ProxyMode,
+    ServerOptions, ServerVersion,
+};
 
 /// The longest any single outcome may take (I5).
 const OUTCOME_BOUND: Duration = Duration::from_secs(60);
@@ -156,10 +159,11 @@ async fn kill_9_mid_stream_loses_nothing_and_stores_no_duplicate_on_2_15() {
 // F3: outage longer than the duplicate window
 
 async fn outage_beyond_duplicate_window(version: ServerVersion) {
+    let window = Duration::from_secs(5);
     let mut server = server(version).await;
     let client = server.connect().await.expect("client");
     let mut config = new_stream_config(STREAM, vec!["t.events.*.v1".into()]);
-    config.duplicate_window = Duration::from_secs(5);
+    config.duplicate_window = window;
     js_of(client)
         .create_stream(config)
         .await
@@ -178,20 +182,54 @@ async fn outage_beyond_duplicate_window(version: ServerVersion) {
         .expect("Verify accepts a window longer than the retry span");
     let (task, accepted) = send_paced(&sink, "f3", 2000, Duration::from_millis(2));
     wait_accepted(&accepted, 700).await;
+    // Freeze the server before killing it, so the publishes the sender keeps making stay unacked
+    // (200 ms also lets the driver take in any ack still buffered on the socket): the in-flight
+    // count read then is what the kill catches, and those publishes are the ones re-sent after
+    // the window has passed.
+    server.pause().expect("SIGSTOP");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let in_flight_at_kill = wait_in_flight(&sink, 1, Duration::from_secs(2)).await;
     server.kill().await.expect("kill -9");
-    tokio::time::sleep(Duration::from_secs(6)).await;
+    let killed_at = Instant::now();
+    assert!(
+        in_flight_at_kill > 0,
+        "the kill caught publishes in flight: {:?}",
+        sink.health()
+    );
+    tokio::time::sleep(window + Duration::from_secs(1)).await;
     assert!(sink.health().queued > 0, "{:?}", sink.health());
     server.restart().await.expect("restart");
+    let outage = killed_at.elapsed();
+    assert!(
+        outage > window,
+        "the outage ({outage:?}) outlasts the {window:?} window"
+    );
     let pending = task.await.expect("sender task");
     let sent = outcomes(pending).await;
     assert_all_ok(&sent);
+    let health = sink.health();
     let report = audit(&server.url(), &sent).await;
     println!(
-        "F3 {version}: duplicate acks {}, stored {}, stored duplicates {}, ordering {:?}",
+        "F3 {version}: {in_flight_at_kill} in flight at the kill, outage {outage:?}, retried \
+         beyond the window {}, duplicate acks {}, stored {}, stored duplicates {}, ordering {:?}",
+        health.retried_beyond_window,
         duplicate_acks(&sent),
         report.stored,
         report.duplicates.len(),
-        sink.health().ordering
+        health.ordering
+    );
+    // The row's "reports retries beyond the window": an event in flight at the kill that the driver
+    // sends again after the restart was first sent more than `window` earlier, and counts once.
+    // (Not every one of them: re-sends the driver issued during the outage wait in the client's
+    // command channel and reach the restarted server on their own, so the count can be lower
+    // than the in-flight number.)
+    assert!(
+        health.retried_beyond_window > 0,
+        "the sink reports retries beyond the duplicate window: {health:?}"
+    );
+    assert!(
+        health.retried_beyond_window <= sent.len() as u64,
+        "counted at most once per event: {health:?}"
     );
     assert!(report.missing.is_empty(), "I1: {report}");
     assert!(report.out_of_order.is_empty(), "I3: {report}");
@@ -209,6 +247,115 @@ async fn outage_longer_than_duplicate_window_keeps_acked_events_in_order_on_2_9(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn outage_longer_than_duplicate_window_keeps_acked_events_in_order_on_2_15() {
     outage_beyond_duplicate_window(ServerVersion::V2_15).await;
+}
+
+/// F3's sharpest case, made deterministic: the server has stored a tail of events whose acks were
+/// lost (the proxy swallows every server-to-client byte), then dies, and comes back after the
+/// duplicate window. The re-sends of that tail can no longer be deduplicated: on 2.9 (which does
+/// not keep the last message id across a restart) the chain re-anchors and the tail is stored a
+/// second time, which F3 allows; on 2.15 the stream's last id is a later event of this very sink,
+/// and the first unacked event must still get an outcome within the I5 bound.
+async fn outage_beyond_window_after_lost_acks(version: ServerVersion) {
+    let window = Duration::from_secs(5);
+    let mut server = server(version).await;
+    let mut config = new_stream_config(STREAM, vec!["t.events.*.v1".into()]);
+    config.duplicate_window = window;
+    js_of(server.connect().await.expect("client"))
+        .create_stream(config)
+        .await
+        .expect("create stream with a 5 s duplicate window");
+    let proxy = FaultProxy::start(upstream_of(&server))
+        .await
+        .expect("start proxy");
+    let sink = builder(&proxy.url())
+        .stream_policy(StreamPolicy::Verify)
+        .ack_timeout(Duration::from_secs(1))
+        .reconnect(quick_reconnect())
+        .connect()
+        .await
+        .expect("connect through the proxy");
+    let warm = 20;
+    let mut sent = Vec::new();
+    for i in 0..warm {
+        let e = event("f3-lost-warm", i, 4);
+        let outcome = sink.emit(&e).await;
+        sent.push(Sent { event: e, outcome });
+    }
+    assert_all_ok(&sent);
+
+    // Fewer than the window, so all of them go out before any ack is due.
+    let tail = 100;
+    proxy.set_mode(ProxyMode::Blackhole(Direction::ServerToClient));
+    let mut pending = Vec::with_capacity(tail);
+    for i in 0..tail {
+        let e = event("f3-lost", i, 4);
+        let p = sink.send(e.clone()).await.expect("accepted");
+        pending.push((e, p));
+    }
+    let js = js_of(server.connect().await.expect("direct client"));
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let stored = js
+            .get_stream(STREAM)
+            .await
+            .expect("stream")
+            .info()
+            .await
+            .expect("info")
+            .state
+            .messages;
+        if stored == (warm + tail) as u64 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the tail reached the server: {stored} stored"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    drop(js);
+    server.kill().await.expect("kill -9");
+    let killed_at = Instant::now();
+    proxy.reset_all();
+    proxy.set_mode(ProxyMode::PassThrough);
+    tokio::time::sleep(window + Duration::from_secs(1)).await;
+    server.restart().await.expect("restart");
+    assert!(killed_at.elapsed() > window);
+
+    let tail_sent = outcomes(pending).await;
+    assert_all_ok(&tail_sent);
+    sent.extend(tail_sent);
+    let health = sink.health();
+    let report = audit(&server.url(), &sent).await;
+    println!(
+        "F3 lost acks {version}: retried beyond the window {}, duplicate acks {}, stored {}, \
+         stored duplicates {}, ordering {:?}",
+        health.retried_beyond_window,
+        duplicate_acks(&sent),
+        report.stored,
+        report.duplicates.len(),
+        health.ordering
+    );
+    assert!(
+        health.retried_beyond_window >= tail as u64,
+        "every event of the stored-but-unacked tail was re-sent beyond the window: {health:?}"
+    );
+    assert!(report.missing.is_empty(), "I1: {report}");
+    assert!(report.out_of_order.is_empty(), "I3: {report}");
+    assert!(report.sequence_mismatch.is_empty(), "I4: {report}");
+    assert!(report.unexpected.is_empty(), "{report}");
+    let close = sink.close(Duration::from_secs(5)).await;
+    assert!(close.complete(), "{close:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn outage_beyond_window_after_lost_acks_keeps_acked_events_in_order_on_2_9() {
+    outage_beyond_window_after_lost_acks(ServerVersion::V2_9).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn outage_beyond_window_after_lost_acks_keeps_acked_events_in_order_on_2_15() {
+    outage_beyond_window_after_lost_acks(ServerVersion::V2_15).await;
 }
 
 // ---------------------------------------------------------------------------------------------

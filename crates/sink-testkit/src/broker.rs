@@ -51,6 +51,9 @@ pub struct StoredRecord {
     pub msg_id: MsgId,
     /// The subject it was published to.
     pub subject: String,
+    /// When (virtual time) it was stored: a second copy of an id is allowed only after the
+    /// first left the duplicate window.
+    pub stored_at: Instant,
 }
 
 /// One injected misbehaviour, applied to one publish.
@@ -436,6 +439,7 @@ impl ScriptedBroker {
             stream_seq,
             msg_id,
             subject,
+            stored_at: now,
         });
         stream_seq
     }
