@@ -1,7 +1,7 @@
 //! Maps broker replies (JetStream publish acks, API errors, NATS status messages) to outbox inputs.
 //!
 //! Classes (DESIGN.md): retryable (503 / no responders, 429, stream unavailable, store failed on a
-//! full disk), ambiguous (timeout, handled by the outbox), wrong-last-msg-id (the ordering chain), and
+//! full disk, another stream capturing the subject), ambiguous (timeout, handled by the outbox), wrong-last-msg-id (the ordering chain), and
 //! terminal for one event (too large, stream limits with discard-new, sealed, anything else 4xx).
 
 use serde::Deserialize;
@@ -9,6 +9,9 @@ use sink_core::outbox::{Ack, Failure, Rejection};
 
 /// JetStream: the expected last message id did not match.
 pub const WRONG_LAST_MSG_ID: u16 = 10070;
+/// JetStream: the subject is captured by a stream other than `Nats-Expected-Stream` (our stream
+/// was replaced by another one on the same subjects). Retryable: events wait for the right stream.
+pub const EXPECTED_STREAM_MISMATCH: u16 = 10060;
 /// JetStream: message larger than the stream's max message size.
 pub const MESSAGE_EXCEEDS_MAXIMUM: u16 = 10054;
 /// JetStream: the stream could not store the message (limits, disk).
@@ -104,7 +107,10 @@ pub fn classify_api_error(code: u16, err_code: u16, description: &str) -> Failur
         },
         MESSAGE_EXCEEDS_MAXIMUM => terminal(code, err_code),
         STREAM_STORE_FAILED if is_limit_refusal(description) => terminal(code, err_code),
-        INSUFFICIENT_RESOURCES | STREAM_STORE_FAILED | STREAM_NOT_FOUND => Failure::Retryable {
+        INSUFFICIENT_RESOURCES
+        | STREAM_STORE_FAILED
+        | STREAM_NOT_FOUND
+        | EXPECTED_STREAM_MISMATCH => Failure::Retryable {
             reason: format!("{description} (error {err_code})"),
         },
         _ if code == 429 || code >= 500 => Failure::Retryable {
@@ -204,7 +210,16 @@ mod tests {
             Failure::Retryable { .. }
         ));
         assert!(matches!(
-            err(429, 10200, "too many requests"),
+            err(429, 10167, "too many requests"),
+            Failure::Retryable { .. }
+        ));
+        // 2.11+ answers an overflowing stream ingest queue with a header-only status reply.
+        assert!(matches!(
+            fail(classify(Some(429), Some("Too Many Requests"), b"")),
+            Failure::Retryable { .. }
+        ));
+        assert!(matches!(
+            err(400, 10060, "expected stream does not match"),
             Failure::Retryable { .. }
         ));
         assert!(matches!(

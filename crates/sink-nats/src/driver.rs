@@ -515,12 +515,16 @@ pub(crate) fn spawn(
     shared: Arc<Shared>,
 ) {
     let outbox = Outbox::new(outbox_config(&config)).expect("validated in start");
+    let reserve = config.max_events.min(sink_core::outbox::RESERVE_LIMIT);
     let inbox = started.client.new_inbox();
     let driver = Driver {
         config,
         client: started.client,
         outbox,
-        waiters: Waiters::default(),
+        waiters: Waiters {
+            base: 0,
+            slots: VecDeque::with_capacity(reserve),
+        },
         flushes: Vec::new(),
         inbox,
         shared,
@@ -705,7 +709,16 @@ impl Driver {
                 let Some(msg) = self.outbox.message(t.seq) else {
                     return;
                 };
-                let stream = (self.config.stream_policy != StreamPolicy::Off)
+                // Nats-Expected-Stream pins a publish to our stream. A chained publish that names
+                // its predecessor is pinned already: only a stream whose last message is our
+                // predecessor can store it, and that is ours. So the header goes only where the
+                // chain does not hold (the first event, a re-anchor, a probe, the other modes);
+                // on the hot path it cost the broker ~0.4 us and us ~0.3 us per event in
+                // `jetsink bench`.
+                let pinned_by_chain = self.outbox.ordering() == OrderingMode::Chained
+                    && t.expected_last_msg_id.is_some()
+                    && !t.probe;
+                let stream = (self.config.stream_policy != StreamPolicy::Off && !pinned_by_chain)
                     .then_some(self.config.stream.as_str());
                 let mut headers = base_headers(msg, stream);
                 let subject = msg.subject.clone();

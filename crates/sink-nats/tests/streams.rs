@@ -163,3 +163,81 @@ async fn verify_refuses_a_second_short_of_90_days_on_2_9() {
 async fn verify_refuses_a_second_short_of_90_days_on_2_15() {
     a_second_short_of_the_floor_is_refused(ServerVersion::V2_15).await;
 }
+
+/// Our stream is deleted mid-run and another stream takes over its subjects. Chained publishes
+/// name their predecessor, which the impostor does not hold; the re-anchor and the probes carry
+/// `Nats-Expected-Stream`. So nothing lands in the impostor: events stay queued (retryable,
+/// breaker) and are delivered, in order, once our stream is back.
+async fn impostor_stream_stores_nothing(version: ServerVersion) {
+    let server = server(version).await;
+    let js = jetstream(&server).await;
+    js.create_stream(new_stream_config(STREAM, vec!["t.events.*.v1".into()]))
+        .await
+        .expect("create");
+    let sink = builder(&server.url())
+        .stream_policy(StreamPolicy::Verify)
+        .reconnect(fast_reconnect())
+        .connect()
+        .await
+        .expect("connect");
+    let before = send_all(&sink, "impostor-before", 50, 3).await;
+    assert!(before.iter().all(|s| s.outcome.is_ok()));
+
+    js.delete_stream(STREAM).await.expect("delete ours");
+    let impostor = "IMPOSTOR";
+    js.create_stream(new_stream_config(impostor, vec!["t.events.*.v1".into()]))
+        .await
+        .expect("impostor takes the subjects");
+    let mut pending = Vec::new();
+    for i in 0..100 {
+        let e = event("impostor-after", i, 3);
+        let p = sink.send(e.clone()).await.expect("queued");
+        pending.push((e, p));
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        let h = sink.health();
+        if h.breaker == sink_nats::BreakerStatus::Open {
+            assert!(
+                h.last_error
+                    .as_deref()
+                    .is_some_and(|e| e.contains("10060") || e.contains("expected stream")),
+                "{h:?}"
+            );
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "breaker never opened: {h:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let mut info = js.get_stream(impostor).await.expect("impostor");
+    assert_eq!(
+        info.info().await.expect("info").state.messages,
+        0,
+        "nothing may be stored in a stream that is not ours"
+    );
+
+    js.delete_stream(impostor).await.expect("delete impostor");
+    js.create_stream(new_stream_config(STREAM, vec!["t.events.*.v1".into()]))
+        .await
+        .expect("ours again");
+    let after = await_outcomes(pending).await;
+    for s in &after {
+        assert!(s.outcome.is_ok(), "{}: {:?}", s.event.id, s.outcome);
+    }
+    let report = audit(&server.url(), &after).await;
+    report.assert_passed();
+    assert_eq!(report.stored, 100);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_replacing_ours_on_the_same_subjects_stores_nothing_on_2_9() {
+    impostor_stream_stores_nothing(ServerVersion::V2_9).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_replacing_ours_on_the_same_subjects_stores_nothing_on_2_15() {
+    impostor_stream_stores_nothing(ServerVersion::V2_15).await;
+}
