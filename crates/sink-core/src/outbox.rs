@@ -40,6 +40,10 @@
 //! when-full policy (block with a deadline, or reject). With [`BreakerOpenPolicy::FailFast`] pushes
 //! are refused while the breaker is open (the seed's behaviour).
 //!
+//! An overload answer (429, [`Failure::Overloaded`]) is retried the same way and also halves the
+//! window in force ([`Outbox::window`]), once per burst; each ack grows it back by one up to the
+//! configured window. Without that, every 429 re-sent a whole window into the same full queue.
+//!
 //! Entries keep only what a persistent spool needs: a local sequence, the message (with its stable
 //! message id) and the unix millis it was accepted at. No `Instant` is stored in an entry.
 
@@ -267,6 +271,13 @@ pub enum Failure {
     },
     /// No answer within the ack timeout: it may or may not be stored. Retried with the same id.
     Timeout,
+    /// The broker is overloaded (429, e.g. a stream's ingest queue is full): not stored. Retried
+    /// like [`Failure::Retryable`], and the window in force halves (once per burst) and grows
+    /// back by one per ack, so the re-sends do not recreate the overload.
+    Overloaded {
+        /// Human-readable cause.
+        reason: String,
+    },
     /// The broker's last message id is not the expected one (JetStream 10070).
     WrongLastMsgId {
         /// The last id the broker reported, when the error text carried it.
@@ -338,7 +349,12 @@ pub enum Output {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum EntryState {
     Pending,
-    InFlight { attempt: u32 },
+    /// `tx` numbers transmissions across the outbox, to tell a burst sent before a window
+    /// reduction from one sent after it.
+    InFlight {
+        attempt: u32,
+        tx: u64,
+    },
     Acked,
 }
 
@@ -399,6 +415,12 @@ pub struct Outbox {
     retries: u32,
     breaker: Breaker,
     outputs: VecDeque<Output>,
+    /// The window in force: `config.window`, less after overload (see [`Failure::Overloaded`]).
+    window: usize,
+    /// Number of the next transmission.
+    next_tx: u64,
+    /// Transmissions numbered below this were sent before the last window reduction.
+    shrink_mark: u64,
 }
 
 impl Outbox {
@@ -409,6 +431,7 @@ impl Outbox {
         Ok(Self {
             ordering: config.ordering,
             breaker: Breaker::new(config.breaker.clone()),
+            window: config.window,
             config,
             // Reserved up front (address space; pages are touched as the queue fills) so a burst
             // does not pay for doubling copies of a deque of ~150-byte entries.
@@ -426,6 +449,8 @@ impl Outbox {
             reanchor: None,
             retries: 0,
             outputs: VecDeque::new(),
+            next_tx: 0,
+            shrink_mark: 0,
         })
     }
 
@@ -457,6 +482,11 @@ impl Outbox {
     /// Publishes awaiting an ack.
     pub fn in_flight(&self) -> usize {
         self.in_flight
+    }
+
+    /// The window in force: the configured one, or less while recovering from overload.
+    pub fn window(&self) -> usize {
+        self.window
     }
 
     /// The breaker's state.
@@ -569,6 +599,9 @@ impl Outbox {
         }
         self.entries[i].state = EntryState::Acked;
         self.retries = 0;
+        if self.window < self.config.window {
+            self.window += 1;
+        }
         if self.hold_behind == Some(seq) {
             self.hold_behind = None;
         }
@@ -591,6 +624,15 @@ impl Outbox {
                 self.reject(seq, rejection);
             }
             Failure::Retryable { reason } => self.fail(seq, reason, now),
+            Failure::Overloaded { reason } => {
+                if self.shrink_window(seq) {
+                    self.fail(seq, reason, now);
+                } else if let Some(i) = self.index_of(seq) {
+                    // Same burst as an overload already handled: wait with it, no new episode.
+                    self.rewind(i);
+                    self.drop_stale_timers();
+                }
+            }
             Failure::Timeout => self.fail(seq, "ack timeout (ambiguous)".into(), now),
             Failure::WrongLastMsgId { actual } => self.wrong_last(seq, actual, now),
         }
@@ -659,7 +701,7 @@ impl Outbox {
 
     fn in_flight_attempt(&self, seq: EventSeq) -> Option<u32> {
         match self.entries[self.index_of(seq)?].state {
-            EntryState::InFlight { attempt } => Some(attempt),
+            EntryState::InFlight { attempt, .. } => Some(attempt),
             _ => None,
         }
     }
@@ -672,6 +714,23 @@ impl Outbox {
             if *n == 0 {
                 self.in_flight_keys.remove(key);
             }
+        }
+    }
+
+    /// An overload answer to event `seq`: halve the window, unless the failed transmission went
+    /// out before the last reduction (one reduction per burst, not one per refused publish).
+    /// Returns whether this answer starts a new reduction (and so a failure episode).
+    fn shrink_window(&mut self, seq: EventSeq) -> bool {
+        let Some(i) = self.index_of(seq) else {
+            return false;
+        };
+        match self.entries[i].state {
+            EntryState::InFlight { tx, .. } if tx >= self.shrink_mark => {
+                self.window = (self.window / 2).max(1);
+                self.shrink_mark = self.next_tx;
+                true
+            }
+            _ => false,
         }
     }
 
@@ -933,7 +992,7 @@ impl Outbox {
             Admission::Probe => true,
             Admission::Window => false,
         };
-        if self.in_flight >= self.config.window {
+        if self.in_flight >= self.window {
             return None;
         }
         let i = self.find_sendable()?;
@@ -950,7 +1009,11 @@ impl Outbox {
         let entry = &mut self.entries[i];
         entry.attempts += 1;
         let attempt = entry.attempts;
-        entry.state = EntryState::InFlight { attempt };
+        entry.state = EntryState::InFlight {
+            attempt,
+            tx: self.next_tx,
+        };
+        self.next_tx += 1;
         match self.in_flight_keys.get_mut(&entry.message.key) {
             Some(n) => *n += 1,
             None => {

@@ -503,3 +503,25 @@ fn wrong_last_naming_a_later_event_of_ours_reanchors_instead_of_retrying_forever
     assert_eq!(sim.stats().fallbacks, 0);
     assert_eq!(sim.outbox().breaker(), BreakerState::Closed { failures: 0 });
 }
+
+#[test]
+fn overload_halves_the_window_once_per_burst_and_acks_grow_it_back() {
+    // A window of 8 goes out; the broker refuses the whole burst with 429. One reduction (to 4),
+    // not one per refused publish; the re-sends then go out at most 4 at a time, and each ack
+    // grows the window by one until it is back at 8.
+    let script = (0..8).fold(FaultScript::none(), |s, i| s.at(i, Fault::TooManyRequests));
+    let mut sim = sim(config(OrderingMode::Unordered, 8), script);
+    push_n(&mut sim, &["a"; 8]);
+    sim.run_for(Duration::from_millis(5));
+    assert_eq!(sim.outbox().window(), 4, "{}", sim.trace_text());
+    assert!(sim.outbox().in_flight() <= 4, "{}", sim.trace_text());
+    push_n(&mut sim, &["a"; 16]);
+    finish(&mut sim);
+    assert_eq!(sim.outbox().window(), 8, "{}", sim.trace_text());
+    assert!(sim.stats().max_in_flight <= 8);
+    assert_eq!(stored_ids(&sim).len(), 24);
+    // The other seven refusals of the burst wait with the first one instead of each starting an
+    // episode of its own, which would have run out the retries and opened the breaker.
+    assert_eq!(sim.stats().retrying, 1, "{}", sim.trace_text());
+    assert_eq!(sim.outbox().breaker(), BreakerState::Closed { failures: 0 });
+}

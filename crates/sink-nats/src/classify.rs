@@ -1,7 +1,8 @@
 //! Maps broker replies (JetStream publish acks, API errors, NATS status messages) to outbox inputs.
 //!
-//! Classes (DESIGN.md): retryable (503 / no responders, 429, stream unavailable, store failed on a
-//! full disk, another stream capturing the subject), ambiguous (timeout, handled by the outbox), wrong-last-msg-id (the ordering chain), and
+//! Classes (DESIGN.md): retryable (503 / no responders, stream unavailable, store failed on a
+//! full disk, another stream capturing the subject), overloaded (429: retryable, and the outbox shrinks
+//! its window), ambiguous (timeout, handled by the outbox), wrong-last-msg-id (the ordering chain), and
 //! terminal for one event (too large, stream limits with discard-new, sealed, anything else 4xx).
 
 use serde::Deserialize;
@@ -63,6 +64,14 @@ pub fn classify(status: Option<u16>, status_description: Option<&str>, body: &[u
                     .into(),
             });
         }
+        if code == 429 {
+            return Verdict::Fail(Failure::Overloaded {
+                reason: format!(
+                    "broker status 429: {}",
+                    status_description.unwrap_or("Too Many Requests")
+                ),
+            });
+        }
         if code >= 300 {
             let what = status_description.unwrap_or("status reply");
             return Verdict::Fail(Failure::Retryable {
@@ -113,7 +122,10 @@ pub fn classify_api_error(code: u16, err_code: u16, description: &str) -> Failur
         | EXPECTED_STREAM_MISMATCH => Failure::Retryable {
             reason: format!("{description} (error {err_code})"),
         },
-        _ if code == 429 || code >= 500 => Failure::Retryable {
+        _ if code == 429 => Failure::Overloaded {
+            reason: format!("{description} (error {code}/{err_code})"),
+        },
+        _ if code >= 500 => Failure::Retryable {
             reason: format!("{description} (error {code}/{err_code})"),
         },
         _ if is_limit_refusal(description) => terminal(code, err_code),
@@ -211,12 +223,12 @@ mod tests {
         ));
         assert!(matches!(
             err(429, 10167, "too many requests"),
-            Failure::Retryable { .. }
+            Failure::Overloaded { .. }
         ));
         // 2.11+ answers an overflowing stream ingest queue with a header-only status reply.
         assert!(matches!(
             fail(classify(Some(429), Some("Too Many Requests"), b"")),
-            Failure::Retryable { .. }
+            Failure::Overloaded { .. }
         ));
         assert!(matches!(
             err(400, 10060, "expected stream does not match"),

@@ -873,7 +873,9 @@ impl Driver {
         match verdict {
             Verdict::Ack(ack) => self.outbox.handle_ack(seq, ack, now),
             Verdict::Fail(failure) => {
-                if let sink_core::outbox::Failure::Retryable { reason } = &failure {
+                if let sink_core::outbox::Failure::Retryable { reason }
+                | sink_core::outbox::Failure::Overloaded { reason } = &failure
+                {
                     self.shared.set_error(reason.clone());
                 }
                 self.outbox.handle_failure(seq, attempt, failure, now);
@@ -949,6 +951,7 @@ impl Driver {
         s.queued.store(self.outbox.len(), Ordering::Relaxed);
         s.in_flight
             .store(self.outbox.in_flight(), Ordering::Relaxed);
+        s.window.store(self.outbox.window(), Ordering::Relaxed);
         s.breaker.store(
             match self.outbox.breaker() {
                 BreakerState::Closed { .. } => 0,

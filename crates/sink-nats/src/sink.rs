@@ -63,6 +63,9 @@ pub struct Health {
     /// a copy stored before the fault would not be deduplicated (RELIABILITY.md F3). Also the
     /// `jetsink_retries_beyond_dedup_window_total` counter and a warning per event.
     pub retried_beyond_window: u64,
+    /// Publishes allowed in flight now: the configured window, or less while the sink backs off
+    /// from broker overload (429).
+    pub window: usize,
 }
 
 /// What `close` could not deliver.
@@ -90,6 +93,7 @@ pub(crate) struct Shared {
     pub breaker: AtomicU8,
     pub ordering: AtomicU8,
     pub retried_beyond_window: AtomicU64,
+    pub window: AtomicUsize,
     pub last_error: Mutex<Option<String>>,
     pub server_version: String,
 }
@@ -227,6 +231,7 @@ impl JetStreamSink {
                 _ => OrderingMode::Chained,
             },
             retried_beyond_window: s.retried_beyond_window.load(Ordering::Relaxed),
+            window: s.window.load(Ordering::Relaxed),
         }
     }
 
@@ -531,6 +536,7 @@ impl SinkBuilder {
             breaker: AtomicU8::new(0),
             ordering: AtomicU8::new(0),
             retried_beyond_window: AtomicU64::new(0),
+            window: AtomicUsize::new(config.window),
             last_error: Mutex::new(None),
             server_version: started.server_version.clone(),
         });

@@ -775,8 +775,8 @@ async fn ingest_overload(producers: usize, events: usize) -> Vec<JetStreamSink> 
             }
             SeenKind::TooManyRequests(verdict) => {
                 assert!(
-                    matches!(verdict, Verdict::Fail(Failure::Retryable { .. })),
-                    "the driver must classify a 429 as retryable, it gives {verdict:?}"
+                    matches!(verdict, Verdict::Fail(Failure::Overloaded { .. })),
+                    "the driver must classify a 429 as overload (retried, window shrinks), it gives {verdict:?}"
                 );
                 t.too_many.push((s.attempt, s.at));
             }

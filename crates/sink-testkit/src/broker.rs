@@ -328,7 +328,7 @@ impl ScriptedBroker {
                     });
                 }
                 Fault::TooManyRequests => {
-                    refusal.get_or_insert(Failure::Retryable {
+                    refusal.get_or_insert(Failure::Overloaded {
                         reason: "429 too many requests".into(),
                     });
                 }

@@ -607,6 +607,7 @@ impl Sim {
             Reply::Fail(failure) => {
                 let text = match &failure {
                     Failure::Retryable { reason } => format!("retryable ({reason})"),
+                    Failure::Overloaded { reason } => format!("overloaded ({reason})"),
                     Failure::Timeout => "timeout".into(),
                     Failure::WrongLastMsgId { actual } => {
                         format!(
