@@ -968,7 +968,11 @@ impl Driver {
             },
             Ordering::Relaxed,
         );
-        m::gauges(self.outbox.len(), self.outbox.in_flight());
+        m::gauges(
+            self.outbox.len(),
+            self.outbox.in_flight(),
+            self.outbox.window(),
+        );
     }
 
     fn finish(&mut self) -> CloseReport {

@@ -39,7 +39,8 @@ pub(crate) fn breaker(event: &BreakerEvent) {
     metrics::gauge!("jetsink_breaker_state").set(v);
 }
 
-pub(crate) fn gauges(queued: usize, in_flight: usize) {
+pub(crate) fn gauges(queued: usize, in_flight: usize, window: usize) {
     metrics::gauge!("jetsink_queue_depth").set(queued as f64);
     metrics::gauge!("jetsink_in_flight").set(in_flight as f64);
+    metrics::gauge!("jetsink_window").set(window as f64);
 }
