@@ -458,7 +458,7 @@ impl SinkBuilder {
         self.config.ordering_key = key;
         self
     }
-    /// Publishes in flight (default 256).
+    /// Publishes in flight (default 1024).
     pub fn window(mut self, window: usize) -> Self {
         self.config.window = window;
         self
