@@ -19,6 +19,8 @@ use sink_testkit::{FaultProxy, ProxyMode};
 const TENANTS: usize = 16;
 /// Pipelining window of the raw async-nats row.
 const RAW_WINDOW: usize = 1024;
+// The raw row is named after its window.
+const _: () = assert!(RAW_WINDOW == 1024);
 
 /// Arguments of `jetsink bench`.
 #[derive(clap::Args, Debug)]
@@ -119,7 +121,7 @@ impl RowSpec {
             RowSpec::Reference => "reference: publish, ack dropped",
             RowSpec::NoReply => "core publish, no reply (info)",
             RowSpec::Serial => "serial ack",
-            RowSpec::Raw => "raw pipelined w1024",
+            RowSpec::Raw => "raw pipelined w1024", // RAW_WINDOW
             RowSpec::Jetsink { name, .. } => name,
         }
     }
@@ -215,6 +217,26 @@ fn median_latency(latencies: &mut [Latency]) -> Option<Latency> {
 }
 
 impl Row {
+    fn new(
+        name: impl Into<String>,
+        events: usize,
+        secs: f64,
+        submit_secs: f64,
+        cpu: CpuUse,
+        jetsink: bool,
+    ) -> Row {
+        Row {
+            name: name.into(),
+            events,
+            secs,
+            jetsink,
+            submit_secs,
+            cpu,
+            vs_ref: None,
+            vs_serial: None,
+        }
+    }
+
     fn rate(&self) -> f64 {
         self.events as f64 / self.secs.max(1e-9)
     }
@@ -307,7 +329,7 @@ pub async fn run(args: BenchArgs, common: &crate::config::Common) -> anyhow::Res
     let n = args.events;
     if args.warmup_events > 0 {
         progress(&format!("warm-up ({} events)", args.warmup_events));
-        bench.reference(args.warmup_events).await?;
+        bench.fire_and_forget(args.warmup_events, true).await?;
         bench
             .jetsink(
                 "warmup",
@@ -337,8 +359,8 @@ pub async fn run(args: BenchArgs, common: &crate::config::Common) -> anyhow::Res
                 spec.name()
             ));
             let row = match spec {
-                RowSpec::Reference => bench.reference(events).await?,
-                RowSpec::NoReply => bench.no_reply(events).await?,
+                RowSpec::Reference => bench.fire_and_forget(events, true).await?,
+                RowSpec::NoReply => bench.fire_and_forget(events, false).await?,
                 RowSpec::Serial => bench.serial(events).await?,
                 RowSpec::Raw => bench.raw_pipelined(events).await?,
                 RowSpec::Jetsink {
@@ -408,66 +430,42 @@ impl Bench {
 
     /// (a) The reference, the seed's way: JetStream publishes whose ack futures are dropped (the
     /// server still answers each one; nobody waits), timed until the stream holds all N.
-    async fn reference(&mut self, n: usize) -> anyhow::Result<Row> {
-        let (stream, subject) = self.fresh_stream("ref").await?;
+    /// With `reply` false, (a') core publishes without a reply subject: the server sends no acks at
+    /// all. Not a target, shown to tell what the acks themselves cost the server and the client.
+    async fn fire_and_forget(&mut self, n: usize, reply: bool) -> anyhow::Result<Row> {
+        let (stream, subject) = self
+            .fresh_stream(if reply { "ref" } else { "noreply" })
+            .await?;
         let batch = Batch::new(n, self.round);
         let cpu = Cpu::start(self.server_pid);
         let start = Instant::now();
         for event in &batch.events {
             let (subj, headers, w) = wire(event, &subject)?;
-            drop(
-                self.js
+            if reply {
+                drop(
+                    self.js
+                        .publish_with_headers(subj, headers, w.body)
+                        .await
+                        .context("publish")?,
+                );
+            } else {
+                self.client
                     .publish_with_headers(subj, headers, w.body)
                     .await
-                    .context("publish")?,
-            );
+                    .context("core publish")?;
+            }
         }
         let submit_secs = start.elapsed().as_secs_f64();
         self.await_stored(&stream, n, start).await?;
         let secs = start.elapsed().as_secs_f64();
         let cpu = cpu.stop();
         self.drop_stream(&stream).await;
-        Ok(Row {
-            name: "reference: publish, ack dropped".into(),
-            events: n,
-            secs,
-            jetsink: false,
-            vs_ref: None,
-            vs_serial: None,
-            submit_secs,
-            cpu,
-        })
-    }
-
-    /// (a') Core publishes without a reply subject: the server sends no acks at all. Not a target,
-    /// shown to tell what the acks themselves cost the server and the client.
-    async fn no_reply(&mut self, n: usize) -> anyhow::Result<Row> {
-        let (stream, subject) = self.fresh_stream("noreply").await?;
-        let batch = Batch::new(n, self.round);
-        let cpu = Cpu::start(self.server_pid);
-        let start = Instant::now();
-        for event in &batch.events {
-            let (subj, headers, w) = wire(event, &subject)?;
-            self.client
-                .publish_with_headers(subj, headers, w.body)
-                .await
-                .context("core publish")?;
-        }
-        let submit_secs = start.elapsed().as_secs_f64();
-        self.await_stored(&stream, n, start).await?;
-        let secs = start.elapsed().as_secs_f64();
-        let cpu = cpu.stop();
-        self.drop_stream(&stream).await;
-        Ok(Row {
-            name: "core publish, no reply (info)".into(),
-            events: n,
-            secs,
-            jetsink: false,
-            vs_ref: None,
-            vs_serial: None,
-            submit_secs,
-            cpu,
-        })
+        let name = if reply {
+            RowSpec::Reference.name()
+        } else {
+            RowSpec::NoReply.name()
+        };
+        Ok(Row::new(name, n, secs, submit_secs, cpu, false))
     }
 
     /// Flushes the client and waits until `stream` holds `n` messages (at most 120 s after `start`).
@@ -508,16 +506,14 @@ impl Bench {
         let cpu = cpu.stop();
         let submit_secs = secs;
         self.drop_stream(&stream).await;
-        Ok(Row {
-            name: "serial ack".into(),
-            events: n,
+        Ok(Row::new(
+            RowSpec::Serial.name(),
+            n,
             secs,
-            jetsink: false,
-            vs_ref: None,
-            vs_serial: None,
             submit_secs,
             cpu,
-        })
+            false,
+        ))
     }
 
     /// (c) async-nats ack futures, at most `RAW_WINDOW` outstanding, all awaited.
@@ -550,16 +546,14 @@ impl Bench {
         let secs = start.elapsed().as_secs_f64();
         let cpu = cpu.stop();
         self.drop_stream(&stream).await;
-        Ok(Row {
-            name: format!("raw pipelined w{RAW_WINDOW}"),
-            events: n,
+        Ok(Row::new(
+            RowSpec::Raw.name(),
+            n,
             secs,
-            jetsink: false,
-            vs_ref: None,
-            vs_serial: None,
             submit_secs,
             cpu,
-        })
+            false,
+        ))
     }
 
     /// (d-f) The sink in one mode; every event's receipt awaited. Measures `send` when asked.
@@ -625,19 +619,7 @@ impl Bench {
             "{name}: events left undelivered at close"
         );
         let latency = measure_send.then(|| percentiles(&mut nanos));
-        Ok((
-            Row {
-                name: name.into(),
-                events: n,
-                secs,
-                jetsink: true,
-                vs_ref: None,
-                vs_serial: None,
-                submit_secs,
-                cpu,
-            },
-            latency,
-        ))
+        Ok((Row::new(name, n, secs, submit_secs, cpu, true), latency))
     }
 
     /// Blackholes a proxy in front of the server and keeps sending into a bounded queue,
