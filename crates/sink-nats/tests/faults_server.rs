@@ -231,10 +231,7 @@ async fn outage_beyond_duplicate_window(version: ServerVersion) {
         health.retried_beyond_window <= sent.len() as u64,
         "counted at most once per event: {health:?}"
     );
-    assert!(report.missing.is_empty(), "I1: {report}");
-    assert!(report.out_of_order.is_empty(), "I3: {report}");
-    assert!(report.sequence_mismatch.is_empty(), "I4: {report}");
-    assert!(report.unexpected.is_empty(), "{report}");
+    report.assert_passed_allowing_copies();
     let close = sink.close(Duration::from_secs(5)).await;
     assert!(close.complete(), "{close:?}");
 }
@@ -340,10 +337,7 @@ async fn outage_beyond_window_after_lost_acks(version: ServerVersion) {
         health.retried_beyond_window >= tail as u64,
         "every event of the stored-but-unacked tail was re-sent beyond the window: {health:?}"
     );
-    assert!(report.missing.is_empty(), "I1: {report}");
-    assert!(report.out_of_order.is_empty(), "I3: {report}");
-    assert!(report.sequence_mismatch.is_empty(), "I4: {report}");
-    assert!(report.unexpected.is_empty(), "{report}");
+    report.assert_passed_allowing_copies();
     let close = sink.close(Duration::from_secs(5)).await;
     assert!(close.complete(), "{close:?}");
 }

@@ -303,12 +303,23 @@ pub struct AuditReport {
 impl AuditReport {
     /// Whether every invariant holds.
     pub fn passed(&self) -> bool {
+        self.duplicates.is_empty() && self.passed_allowing_copies()
+    }
+
+    /// Whether every invariant holds except I2: for an outage longer than the stream's duplicate
+    /// window, where copies stored again after the window are allowed (RELIABILITY.md F3).
+    pub fn passed_allowing_copies(&self) -> bool {
         self.missing.is_empty()
-            && self.duplicates.is_empty()
             && self.out_of_order.is_empty()
             && self.sequence_mismatch.is_empty()
             && self.stored_but_reported_failed.is_empty()
             && (self.foreign_ok || self.unexpected.is_empty())
+    }
+
+    /// Panics with the readable report unless [`passed_allowing_copies`](Self::passed_allowing_copies).
+    #[track_caller]
+    pub fn assert_passed_allowing_copies(&self) {
+        assert!(self.passed_allowing_copies(), "I1, I3, I4: {self}");
     }
 
     /// Panics with the readable report if any invariant is violated.
