@@ -189,22 +189,42 @@ pub enum DecodeError {
     InvalidEvent(EventError),
 }
 
-/// Initial buffer for a structured body (most events fit; larger ones grow it).
-const STRUCTURED_INITIAL_CAPACITY: usize = 768;
+/// Initial size of the per-thread buffer structured bodies are serialised into.
+const STRUCTURED_INITIAL_CAPACITY: usize = 1024;
+
+/// A buffer larger than this is not kept for the next event (one huge event should not pin its
+/// memory to the thread).
+const SCRATCH_KEEP_LIMIT: usize = 64 * 1024;
+
+thread_local! {
+    static SCRATCH: std::cell::RefCell<Vec<u8>> =
+        std::cell::RefCell::new(Vec::with_capacity(STRUCTURED_INITIAL_CAPACITY));
+}
 
 /// Encodes a valid event as a NATS message.
 pub fn encode(event: &CloudEvent, encoding: Encoding) -> Result<Wire, EncodeError> {
     event.validate().map_err(EncodeError::InvalidEvent)?;
     match encoding {
         Encoding::Structured => {
-            // Sized for a typical event up front: growing from empty costs several reallocations.
-            let mut body = Vec::with_capacity(STRUCTURED_INITIAL_CAPACITY);
-            serde_json::to_writer(&mut body, event).map_err(|err| EncodeError::Serialize {
+            // Serialised into this thread's reusable buffer, then copied once into an exact-size
+            // body: one allocation per event instead of a growing Vec plus the shared header
+            // `Bytes` adds for a Vec whose capacity exceeds its length.
+            let body = SCRATCH.with(|scratch| {
+                let mut buf = scratch.borrow_mut();
+                buf.clear();
+                let body =
+                    serde_json::to_writer(&mut *buf, event).map(|()| Bytes::copy_from_slice(&buf));
+                if buf.capacity() > SCRATCH_KEEP_LIMIT {
+                    *buf = Vec::with_capacity(STRUCTURED_INITIAL_CAPACITY);
+                }
+                body
+            });
+            let body = body.map_err(|err| EncodeError::Serialize {
                 message: err.to_string(),
             })?;
             Ok(Wire {
                 headers: vec![(CONTENT_TYPE.to_owned(), STRUCTURED_CONTENT_TYPE.to_owned())],
-                body: Bytes::from(body),
+                body,
             })
         }
         Encoding::Binary => encode_binary(event),
