@@ -17,6 +17,9 @@ use sink_testkit::{FaultProxy, ProxyMode};
 
 /// Tenants the events are spread over (the per-key-serial row orders by tenant).
 const TENANTS: usize = 16;
+/// How long after the queue filled the memory test takes its baseline (longer than the default
+/// ack timeout of 5 s plus the retry schedule).
+const SETTLE: Duration = Duration::from_secs(10);
 /// Pipelining window of the raw async-nats row.
 const RAW_WINDOW: usize = 1024;
 // The raw row is named after its window.
@@ -257,7 +260,10 @@ struct Memory {
     secs: u64,
     start_kib: u64,
     at_full_kib: Option<u64>,
-    /// Highest RSS sampled after the queue filled.
+    /// RSS one settle period after the queue filled: the first ack timeout and its re-sends have
+    /// happened, every bounded buffer holds what it will hold.
+    settled_kib: Option<u64>,
+    /// Highest RSS sampled from then on.
     max_kib: u64,
     end_kib: u64,
     accepted: u64,
@@ -267,10 +273,10 @@ struct Memory {
 }
 
 impl Memory {
-    /// Growth after the queue filled, as a fraction of the RSS at that moment.
+    /// Growth after settling, as a fraction of the settled RSS.
     fn growth_after_full(&self) -> Option<f64> {
-        self.at_full_kib
-            .map(|full| (self.max_kib.saturating_sub(full)) as f64 / full.max(1) as f64)
+        self.settled_kib
+            .map(|base| (self.max_kib.saturating_sub(base)) as f64 / base.max(1) as f64)
     }
 
     fn flat(&self) -> bool {
@@ -576,7 +582,7 @@ impl Bench {
         config.ordering_key = key;
         config.window = window;
         // Room for the whole round so `send` measures enqueueing, not waiting for the broker.
-        config.max_events = n;
+        config.max_events = n.max(window);
         config.max_bytes = n * 2048;
         config.when_full = WhenFull::Block {
             deadline: Duration::from_secs(60),
@@ -652,8 +658,12 @@ impl Bench {
         let mut next_sample = Instant::now() + Duration::from_secs(1);
         let (mut accepted, mut rejected) = (0u64, 0u64);
         let mut at_full_kib = None;
-        // The highest RSS once the queue is full: what must stay flat. (Before that the queue is
-        // filling, and the allocator may still hold memory freed by the rows before.)
+        // What must stay flat is the RSS once the queue is full and the first ack timeout and its
+        // re-sends are behind (SETTLE after full): before that the queue is filling, the first
+        // re-sends are being buffered, and the allocator may still hold memory freed by the rows
+        // before.
+        let mut full_at: Option<Instant> = None;
+        let mut settled_kib: Option<u64> = None;
         let mut max_kib = 0;
         let mut i = 0u64;
         // Offer about 100k events/s: far more than the queue holds, so it stays full.
@@ -672,6 +682,7 @@ impl Bench {
                         rejected += 1;
                         if at_full_kib.is_none() {
                             at_full_kib = Some(rss_kib()?);
+                            full_at = Some(Instant::now());
                         }
                     }
                     Err(e) => anyhow::bail!("outage: unexpected send error: {e}"),
@@ -680,7 +691,10 @@ impl Bench {
             if Instant::now() >= next_sample {
                 next_sample += Duration::from_secs(1);
                 let kib = rss_kib()?;
-                if at_full_kib.is_some() {
+                if settled_kib.is_none() && full_at.is_some_and(|t| t.elapsed() >= SETTLE) {
+                    settled_kib = Some(kib);
+                }
+                if settled_kib.is_some() {
                     max_kib = max_kib.max(kib);
                 }
                 if !args.json {
@@ -694,7 +708,7 @@ impl Bench {
             }
         }
         let end_kib = rss_kib()?;
-        if at_full_kib.is_some() {
+        if settled_kib.is_some() {
             max_kib = max_kib.max(end_kib);
         }
         proxy.set_mode(ProxyMode::PassThrough);
@@ -704,6 +718,7 @@ impl Bench {
             secs,
             start_kib,
             at_full_kib,
+            settled_kib,
             max_kib,
             end_kib,
             accepted,
@@ -878,10 +893,12 @@ fn print_table(rows: &[Row], latency: Option<Latency>, memory: Option<&Memory>) 
     }
     if let Some(m) = memory {
         println!(
-            "memory, {} s blackholed broker: rss start {} KiB, at queue full {}, max after full {} KiB, end {} KiB; growth after full {}: {}",
+            "memory, {} s blackholed broker: rss start {} KiB, at queue full {}, {} s later {}, max after {} KiB, end {} KiB; growth after that {}: {}",
             m.secs,
             m.start_kib,
             m.at_full_kib.map_or_else(|| "never full".into(), |k| format!("{k} KiB")),
+            SETTLE.as_secs(),
+            m.settled_kib.map_or_else(|| "not reached".into(), |k| format!("{k} KiB")),
             m.max_kib,
             m.end_kib,
             m.growth_after_full().map_or_else(|| "n/a".into(), |g| format!("{:.1}%", g * 100.0)),
@@ -917,6 +934,7 @@ fn to_json(rows: &[Row], latency: Option<Latency>, memory: Option<&Memory>) -> s
             "outage_secs": m.secs,
             "rss_start_kib": m.start_kib,
             "rss_at_queue_full_kib": m.at_full_kib,
+            "rss_settled_kib": m.settled_kib,
             "rss_max_kib": m.max_kib,
             "rss_end_kib": m.end_kib,
             "growth_after_full": m.growth_after_full(),
