@@ -347,6 +347,15 @@ pub async fn run(args: BenchArgs, common: &crate::config::Common) -> anyhow::Res
             )
             .await?;
     }
+    // The memory test runs before the throughput rounds: they push a few hundred MB through the
+    // allocator, which keeps part of it and re-commits it later, so an RSS measured after them
+    // climbs back towards their peak whatever the sink does.
+    let memory = if args.outage_secs > 0 {
+        progress(&format!("memory: {} s blackholed broker", args.outage_secs));
+        Some(bench.outage(&args, &url).await?)
+    } else {
+        None
+    };
     let specs = row_specs(args.only.as_deref());
     // Rounds interleave the rows, so a slow spell of the machine hits every row alike; each
     // row reports its median round, and its ratio is the median of the per-round ratios.
@@ -389,13 +398,6 @@ pub async fn run(args: BenchArgs, common: &crate::config::Common) -> anyhow::Res
     }
     let rows = summarize(&rounds);
     let latency = median_latency(&mut latencies);
-
-    let memory = if args.outage_secs > 0 {
-        progress(&format!("memory: {} s blackholed broker", args.outage_secs));
-        Some(bench.outage(&args, &url).await?)
-    } else {
-        None
-    };
 
     if args.json {
         println!(
