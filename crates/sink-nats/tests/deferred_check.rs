@@ -5,7 +5,9 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{audit, await_outcomes, builder, event, fast_reconnect, server, STREAM};
+use common::{
+    assert_all_ok, audit, await_outcomes, builder, event, fast_reconnect, server, STREAM,
+};
 use sink_nats::{new_stream_config, StreamPolicy};
 use sink_testkit::{NatsServer, ServerVersion};
 
@@ -73,9 +75,7 @@ async fn verify_after_the_first_connection(version: ServerVersion) {
     config.max_age = Duration::ZERO;
     js.update_stream(config).await.expect("fix the stream");
     let sent = await_outcomes(pending).await;
-    for s in &sent {
-        assert!(s.outcome.is_ok(), "{}: {:?}", s.event.id, s.outcome);
-    }
+    assert_all_ok(&sent);
     let report = audit(&server.url(), &sent).await;
     report.assert_passed();
     assert_eq!(report.stored, 50);
@@ -113,9 +113,7 @@ async fn create_after_the_first_connection(version: ServerVersion) {
     }
     server.restart().await.expect("server comes up");
     let sent = await_outcomes(pending).await;
-    for s in &sent {
-        assert!(s.outcome.is_ok(), "{}: {:?}", s.event.id, s.outcome);
-    }
+    assert_all_ok(&sent);
     let report = audit(&server.url(), &sent).await;
     report.assert_passed();
     assert_eq!(report.stored, 30);

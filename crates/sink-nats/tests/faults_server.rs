@@ -95,14 +95,6 @@ fn duplicate_acks(sent: &[Sent]) -> usize {
         .count()
 }
 
-fn assert_all_ok(sent: &[Sent]) {
-    for s in sent {
-        if let Err(e) = &s.outcome {
-            panic!("event {} failed: {e}", s.event.id);
-        }
-    }
-}
-
 fn js_of(client: async_nats::Client) -> async_nats::jetstream::Context {
     async_nats::jetstream::new(client)
 }

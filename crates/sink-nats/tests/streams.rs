@@ -181,7 +181,7 @@ async fn impostor_stream_stores_nothing(version: ServerVersion) {
         .await
         .expect("connect");
     let before = send_all(&sink, "impostor-before", 50, 3).await;
-    assert!(before.iter().all(|s| s.outcome.is_ok()));
+    assert_all_ok(&before);
 
     js.delete_stream(STREAM).await.expect("delete ours");
     let impostor = "IMPOSTOR";
@@ -224,9 +224,7 @@ async fn impostor_stream_stores_nothing(version: ServerVersion) {
         .await
         .expect("ours again");
     let after = await_outcomes(pending).await;
-    for s in &after {
-        assert!(s.outcome.is_ok(), "{}: {:?}", s.event.id, s.outcome);
-    }
+    assert_all_ok(&after);
     let report = audit(&server.url(), &after).await;
     report.assert_passed();
     assert_eq!(report.stored, 100);

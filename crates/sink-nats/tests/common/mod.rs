@@ -82,6 +82,16 @@ pub async fn send_all(sink: &JetStreamSink, run: &str, n: usize, tenants: usize)
     await_outcomes(pending).await
 }
 
+/// Panics naming the first event that was not delivered.
+#[track_caller]
+pub fn assert_all_ok(sent: &[Sent]) {
+    for s in sent {
+        if let Err(e) = &s.outcome {
+            panic!("event {} failed: {e}", s.event.id);
+        }
+    }
+}
+
 /// Awaits every pending outcome in send order, each within the I5 bound.
 pub async fn await_outcomes(pending: Vec<(CloudEvent, sink_nats::Pending)>) -> Vec<Sent> {
     let mut sent = Vec::with_capacity(pending.len());
