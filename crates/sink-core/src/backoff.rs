@@ -5,11 +5,23 @@
 //! so a schedule can be replayed exactly in tests. The caller owns the attempt counter (and resets
 //! it on the first success).
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use thiserror::Error;
 
 use crate::stream::fmt_duration;
+
+/// How far ahead a deadline goes when `now + delay` does not fit in an [`Instant`]: far enough to
+/// mean "never" for any process, small enough to add to any real clock reading.
+pub const FAR_FUTURE: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
+
+/// `now + delay`, saturating: a delay too large for the clock (`Duration::MAX` as "never") gives a
+/// deadline [`FAR_FUTURE`] ahead instead of panicking.
+pub fn deadline_after(now: Instant, delay: Duration) -> Instant {
+    now.checked_add(delay)
+        .or_else(|| now.checked_add(FAR_FUTURE))
+        .unwrap_or(now)
+}
 
 const NANOS_PER_SEC: u128 = 1_000_000_000;
 

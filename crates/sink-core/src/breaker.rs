@@ -8,7 +8,7 @@
 
 use std::time::{Duration, Instant};
 
-use crate::backoff::Backoff;
+use crate::backoff::{deadline_after, Backoff};
 
 /// Breaker settings.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -63,6 +63,9 @@ pub enum BreakerInput {
     Failure,
     /// The clock reached a deadline (harmless when early).
     Timeout,
+    /// The client (re)connected: an open breaker lets its probe go now rather than at the end of
+    /// its reconnect delay (which grows to minutes), so delivery resumes as soon as the broker is back.
+    Reconnected,
     /// The single half-open probe was transmitted.
     ProbeSent,
 }
@@ -93,7 +96,7 @@ pub fn step(
     use BreakerInput as I;
     use BreakerState as S;
     let open = |attempt: u32| {
-        let until = now + config.reconnect.delay(attempt);
+        let until = deadline_after(now, config.reconnect.delay(attempt));
         (
             S::Open { until, attempt },
             Some(BreakerEvent::Opened { until, attempt }),
@@ -111,6 +114,13 @@ pub fn step(
             }
         }
         (S::Open { until, attempt }, I::Timeout) if now >= until => (
+            S::HalfOpen {
+                attempt,
+                probe_in_flight: false,
+            },
+            Some(BreakerEvent::HalfOpened),
+        ),
+        (S::Open { attempt, .. }, I::Reconnected) => (
             S::HalfOpen {
                 attempt,
                 probe_in_flight: false,

@@ -53,7 +53,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 
-use crate::backoff::RetrySchedule;
+use crate::backoff::{deadline_after, RetrySchedule};
 use crate::breaker::{Admission, Breaker, BreakerConfig, BreakerEvent, BreakerInput, BreakerState};
 use crate::event::MsgId;
 
@@ -278,6 +278,14 @@ pub enum Failure {
         /// Human-readable cause.
         reason: String,
     },
+    /// "Duplicate message id is in process" (JetStream 10158, replicated streams on 2.11+): the
+    /// stream leader holds this message id as not yet decided. Either an earlier transmission is
+    /// still being replicated (it will be stored, and a re-send then answers `duplicate`), or an
+    /// earlier transmission failed when it was applied (e.g. 10070) and the leader keeps its id
+    /// blocked until the duplicate window passes or the leader changes. Ambiguous, never terminal:
+    /// the event is re-sent with the same id after a delay, without counting against the breaker
+    /// (the broker answered).
+    InProcess,
     /// The broker's last message id is not the expected one (JetStream 10070).
     WrongLastMsgId {
         /// The last id the broker reported, when the error text carried it.
@@ -355,7 +363,21 @@ enum EntryState {
         attempt: u32,
         tx: u64,
     },
-    Acked,
+    /// Stored. `links`: the stream's last message id became this event's id when it was stored
+    /// (false for a re-emitted event whose original is older than the stream's tail: the broker
+    /// answered `duplicate` and left its last id alone). `dup`: the ack said `duplicate`, so
+    /// whether later messages (ours from before a restart, or another writer's) follow it in the
+    /// stream is unknown.
+    Acked {
+        links: bool,
+        dup: bool,
+    },
+}
+
+impl EntryState {
+    fn is_acked(self) -> bool {
+        matches!(self, EntryState::Acked { .. })
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -365,7 +387,49 @@ struct Entry {
     unix_ms: u64,
     state: EntryState,
     attempts: u32,
+    /// Its message id was pushed before (recently): a re-emitted event, most likely answered
+    /// `duplicate`. Chained mode sends nothing after it until its answer is in.
+    reemit: bool,
 }
+
+/// Message ids of the last pushes, so a re-emitted event is recognised when it is pushed.
+///
+/// Bounded: it remembers [`RECENT_IDS`] pushes. A re-emit of an older event is still handled
+/// correctly, by re-linking the chain when the broker names the real last id (one rewind).
+#[derive(Debug, Default)]
+struct RecentIds {
+    /// Id -> number of the last push that carried it.
+    last_push: HashMap<MsgId, u64>,
+    order: VecDeque<(MsgId, u64)>,
+    pushes: u64,
+}
+
+impl RecentIds {
+    /// Records a push of `id`; returns whether it was seen before.
+    fn record(&mut self, id: &MsgId) -> bool {
+        self.pushes += 1;
+        let seen = self.last_push.insert(id.clone(), self.pushes).is_some();
+        self.order.push_back((id.clone(), self.pushes));
+        if self.order.len() > RECENT_IDS {
+            if let Some((old, n)) = self.order.pop_front() {
+                if self.last_push.get(&old) == Some(&n) {
+                    self.last_push.remove(&old);
+                }
+            }
+        }
+        seen
+    }
+}
+
+/// How many recent pushes [`Outbox`] remembers to recognise a re-emitted event (chained mode).
+pub const RECENT_IDS: usize = 16_384;
+
+/// First re-send delay after a 10158 "in process" answer.
+pub const IN_PROCESS_FIRST_DELAY: Duration = Duration::from_millis(100);
+
+/// Longest re-send delay after repeated 10158 answers. A replicated stream keeps an id blocked
+/// for up to its duplicate window, so the re-sends go on at this pace until it is decided.
+pub const IN_PROCESS_MAX_DELAY: Duration = Duration::from_secs(2);
 
 /// An event handed back by [`Outbox::abandon`]: never confirmed stored.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -410,9 +474,21 @@ pub struct Outbox {
     resume_at: Option<Instant>,
     /// Chained mode: transmission waits until this event is acked.
     hold_behind: Option<EventSeq>,
-    /// Chained mode: send this event once without an expected-last id (the stream forgot its last id).
+    /// Chained mode: send this event once without an expected-last id, and nothing after it until
+    /// it is answered. Used whenever the stream's last id is not known to be our predecessor's
+    /// while every earlier event is stored: after a failure episode (a restart may have made the
+    /// stream forget its last id) and when the broker named a last id the chain cannot follow.
     reanchor: Option<EventSeq>,
     retries: u32,
+    /// Consecutive "in process" (10158) answers since the last ack, for the re-send delay.
+    in_process_retries: u32,
+    /// Stream sequence of the newest message this sink knows it stored: the stream's tail as far
+    /// as this sink can tell.
+    tail_seq: Option<u64>,
+    /// Whether the anchor was confirmed by a `duplicate` ack (see [`EntryState::Acked`]).
+    anchor_dup: bool,
+    /// Chained mode: recent message ids, to recognise re-emitted events.
+    recent: RecentIds,
     breaker: Breaker,
     outputs: VecDeque<Output>,
     /// The window in force: `config.window`, less after overload (see [`Failure::Overloaded`]).
@@ -448,6 +524,10 @@ impl Outbox {
             hold_behind: None,
             reanchor: None,
             retries: 0,
+            in_process_retries: 0,
+            tail_seq: None,
+            anchor_dup: false,
+            recent: RecentIds::default(),
             outputs: VecDeque::new(),
             next_tx: 0,
             shrink_mark: 0,
@@ -537,12 +617,15 @@ impl Outbox {
         let seq = self.next_seq;
         self.next_seq += 1;
         self.bytes += size;
+        // Only chaining needs to know: elsewhere a duplicate answer changes nothing.
+        let reemit = self.ordering == OrderingMode::Chained && self.recent.record(&message.msg_id);
         self.entries.push_back(Entry {
             seq,
             message,
             unix_ms,
             state: EntryState::Pending,
             attempts: 0,
+            reemit,
         });
         self.pending_enter(self.entries.len() - 1);
         Ok(seq)
@@ -554,6 +637,13 @@ impl Outbox {
             return Some(out);
         }
         self.next_transmit(now).map(Output::Transmit)
+    }
+
+    /// The next event (delivered, rejected, retrying, breaker, fallback) without starting any
+    /// transmission: for a driver that must not publish for now (its stream became unsafe) but
+    /// still reports the outcomes of what is already in flight. Events stay queued.
+    pub fn poll_event(&mut self) -> Option<Output> {
+        self.outputs.pop_front()
     }
 
     /// The next deadline (ack timeout, retry delay, breaker), if any. Early calls to
@@ -593,12 +683,24 @@ impl Outbox {
         let Some(i) = self.index_of(seq) else { return };
         let state = self.entries[i].state;
         match state {
-            EntryState::Acked => return,
+            EntryState::Acked { .. } => return,
             EntryState::InFlight { .. } => self.release_flight(i),
             EntryState::Pending => self.pending_leave(i),
         }
-        self.entries[i].state = EntryState::Acked;
+        // A fresh store is the stream's new tail. A `duplicate` answer names the original's
+        // sequence and leaves the stream's last id alone: the chain goes on from this id only
+        // if that original is the newest message this sink knows of (a retry whose first ack was
+        // lost), not when it is older (a re-emitted event).
+        let links = !ack.duplicate || self.tail_seq.is_none_or(|t| ack.sequence > t);
+        if links {
+            self.tail_seq = Some(ack.sequence);
+        }
+        self.entries[i].state = EntryState::Acked {
+            links,
+            dup: ack.duplicate,
+        };
         self.retries = 0;
+        self.in_process_retries = 0;
         if self.window < self.config.window {
             self.window += 1;
         }
@@ -634,6 +736,7 @@ impl Outbox {
                 }
             }
             Failure::Timeout => self.fail(seq, "ack timeout (ambiguous)".into(), now),
+            Failure::InProcess => self.in_process(seq, now),
             Failure::WrongLastMsgId { actual } => self.wrong_last(seq, actual, now),
         }
     }
@@ -662,13 +765,23 @@ impl Outbox {
         self.fail(seq, "connection lost".into(), now);
     }
 
+    /// The client (re)connected to the broker. An open breaker moves to half-open at once, so the
+    /// probe goes out now instead of at the end of a reconnect backoff that may be minutes long;
+    /// a pending retry delay ends too.
+    pub fn handle_reconnected(&mut self, now: Instant) {
+        self.resume_at = None;
+        if let Some(event) = self.breaker.handle(BreakerInput::Reconnected, now) {
+            self.outputs.push_back(Output::Breaker(event));
+        }
+    }
+
     /// Gives up on everything held (for a close whose deadline passed): hands back every event that
     /// has no outcome yet, in order, and empties the outbox.
     pub fn abandon(&mut self) -> Vec<Abandoned> {
         let out = self
             .entries
             .drain(..)
-            .filter(|e| e.state != EntryState::Acked)
+            .filter(|e| !e.state.is_acked())
             .map(|e| Abandoned {
                 seq: e.seq,
                 transmitted: e.attempts > 0,
@@ -773,14 +886,13 @@ impl Outbox {
     }
 
     fn release_acked_prefix(&mut self) {
-        while self
-            .entries
-            .front()
-            .is_some_and(|e| e.state == EntryState::Acked)
-        {
+        while self.entries.front().is_some_and(|e| e.state.is_acked()) {
             let e = self.entries.pop_front().expect("front exists");
             self.bytes -= e.message.size();
-            self.anchor = Some(e.message.msg_id);
+            if let EntryState::Acked { links: true, dup } = e.state {
+                self.anchor = Some(e.message.msg_id);
+                self.anchor_dup = dup;
+            }
             self.cursor = self.cursor.saturating_sub(1);
         }
     }
@@ -794,12 +906,35 @@ impl Outbox {
         }
     }
 
-    /// The id that event at index `i` must follow in the chain.
+    /// The id that event at index `i` must follow in the chain: its predecessor's, skipping
+    /// re-emitted events that the broker answered `duplicate` without moving its last id.
     fn predecessor_id(&self, i: usize) -> Option<MsgId> {
-        match i {
-            0 => self.anchor.clone(),
-            _ => Some(self.entries[i - 1].message.msg_id.clone()),
+        let mut j = i;
+        while j > 0 {
+            let e = &self.entries[j - 1];
+            if !matches!(e.state, EntryState::Acked { links: false, .. }) {
+                return Some(e.message.msg_id.clone());
+            }
+            j -= 1;
         }
+        self.anchor.clone()
+    }
+
+    /// Whether the stream's last id may legitimately differ from [`predecessor_id`](Self::predecessor_id)
+    /// while every event before index `i` is stored: the link was confirmed only by a `duplicate`
+    /// answer, or re-emitted events were skipped. A mismatch is then no evidence of another writer.
+    fn link_uncertain(&self, i: usize) -> bool {
+        match i.checked_sub(1).map(|j| self.entries[j].state) {
+            None => self.anchor_dup,
+            Some(EntryState::Acked { links: false, .. }) => true,
+            Some(EntryState::Acked { dup, .. }) => dup,
+            Some(_) => false,
+        }
+    }
+
+    /// Index `i` is the first event not yet stored (everything before it is acked).
+    fn all_before_acked(&self, i: usize) -> bool {
+        self.entries.iter().take(i).all(|e| e.state.is_acked())
     }
 
     /// Turns in-flight entries back into pending: from index `from` on (chained), or only `from`.
@@ -832,6 +967,7 @@ impl Outbox {
         );
         self.rewind(i);
         self.drop_stale_timers();
+        self.reanchor_if_first(i);
         if probe {
             if let Some(event) = self.breaker.handle(BreakerInput::Failure, now) {
                 self.outputs.push_back(Output::Breaker(event));
@@ -844,7 +980,7 @@ impl Outbox {
         match self.config.retry.delay(self.retries) {
             Some(delay) => {
                 self.retries += 1;
-                self.resume_at = Some(now + delay);
+                self.resume_at = Some(deadline_after(now, delay));
                 self.outputs.push_back(Output::Retrying {
                     seq,
                     retry: self.retries,
@@ -860,6 +996,44 @@ impl Outbox {
                 }
             }
         }
+    }
+
+    /// Chained mode, after a failure: if index `i` is the first event not stored, send it next
+    /// without an expected-last id. Every event before it is stored, so nothing can be stored out
+    /// of order; and the stream's last id is not to be trusted (a restart forgets it, an election
+    /// may have lost a publish). Chaining it would risk a 10070 that, on a replicated stream
+    /// (2.11+), blocks its id as "in process" for the whole duplicate window.
+    fn reanchor_if_first(&mut self, i: usize) {
+        if self.ordering == OrderingMode::Chained
+            && i < self.entries.len()
+            && self.all_before_acked(i)
+        {
+            self.reanchor = Some(self.entries[i].seq);
+        }
+    }
+
+    /// A 10158 "in process" answer: re-send the same id after a growing delay (capped at
+    /// [`IN_PROCESS_MAX_DELAY`]), without an episode and without rejecting anything.
+    fn in_process(&mut self, seq: EventSeq, now: Instant) {
+        let Some(i) = self.index_of(seq) else { return };
+        self.broker_answered(now);
+        self.rewind(i);
+        self.drop_stale_timers();
+        self.reanchor_if_first(i);
+        let delay = IN_PROCESS_FIRST_DELAY
+            .saturating_mul(1u32 << self.in_process_retries.min(8))
+            .min(IN_PROCESS_MAX_DELAY);
+        self.in_process_retries = self.in_process_retries.saturating_add(1);
+        let at = deadline_after(now, delay);
+        self.resume_at = Some(self.resume_at.map_or(at, |r| r.max(at)));
+        self.outputs.push_back(Output::Retrying {
+            seq,
+            retry: self.in_process_retries,
+            delay,
+            reason: "duplicate message id is in process (10158): not decided yet, re-sending \
+                     the same id"
+                .into(),
+        });
     }
 
     fn reject(&mut self, seq: EventSeq, rejection: Rejection) {
@@ -894,14 +1068,13 @@ impl Outbox {
 
     fn wrong_last(&mut self, seq: EventSeq, actual: Option<String>, now: Instant) {
         let i = self.index_of(seq).expect("in flight entries are held");
-        let predecessor_stored = match i {
-            0 => true,
-            _ => self.entries[i - 1].state == EntryState::Acked,
-        };
-        if !predecessor_stored {
-            // The predecessor is not stored yet (lost, or still on its way): wait for it. Its own ack
-            // or failure decides what happens next, so this is no episode.
-            let pred = self.entries[i - 1].seq;
+        // Not only the direct predecessor: a re-emitted event before this one may be acked as a
+        // duplicate while an event before it is still unconfirmed.
+        let unstored_before = (0..i).rev().find(|&j| !self.entries[j].state.is_acked());
+        if let Some(j) = unstored_before {
+            // An earlier event is not stored yet (lost, or still on its way): wait for it. Its own
+            // ack or failure decides what happens next, so this is no episode.
+            let pred = self.entries[j].seq;
             self.rewind(i);
             self.drop_stale_timers();
             self.hold_behind = Some(pred);
@@ -916,6 +1089,30 @@ impl Outbox {
         // its last id: those events are stored a second time (RELIABILITY.md F3 allows copies
         // beyond the window) and nothing is stored out of order. Failing instead would retry
         // the same answer forever.
+        if self.ordering == OrderingMode::Chained {
+            let link = self.predecessor_id(i);
+            if actual.is_some() && actual.as_deref() == link.as_ref().map(MsgId::as_str) {
+                // The stream's last message is the one this event now follows: a re-emitted
+                // predecessor was answered `duplicate` after this event had been sent. Re-send
+                // it with the right link; nothing is wrong with the broker.
+                self.rewind(i);
+                self.drop_stale_timers();
+                self.hold_behind = None;
+                self.broker_answered(now);
+                return;
+            }
+            if self.link_uncertain(i) {
+                // The link rests on a `duplicate` answer, so the stream may end in messages this
+                // sink never saw acked (its own from before a restart, or a re-emit's original
+                // being older than the tail). Everything before this event is stored: re-anchor.
+                self.rewind(i);
+                self.drop_stale_timers();
+                self.hold_behind = None;
+                self.reanchor = Some(seq);
+                self.broker_answered(now);
+                return;
+            }
+        }
         let later_of_ours = self.ordering == OrderingMode::Chained
             && actual.as_deref().is_some_and(|a| {
                 self.entries
@@ -954,7 +1151,7 @@ impl Outbox {
         let first_unacked = self
             .entries
             .iter()
-            .position(|e| e.state != EntryState::Acked)
+            .position(|e| !e.state.is_acked())
             .unwrap_or(0);
         for j in first_unacked..self.entries.len() {
             if let EntryState::InFlight { .. } = self.entries[j].state {
@@ -997,14 +1194,19 @@ impl Outbox {
         }
         let i = self.find_sendable()?;
         let seq = self.entries[i].seq;
-        let expected_last_msg_id = match self.ordering {
+        // A re-anchored event and a re-emitted one are answered in a way the next event's link
+        // depends on (stored or not; `duplicate` or not): nothing follows them until then.
+        let (expected_last_msg_id, hold) = match self.ordering {
             OrderingMode::Chained if self.reanchor == Some(seq) => {
                 self.reanchor = None;
-                None
+                (None, true)
             }
-            OrderingMode::Chained => self.predecessor_id(i),
-            _ => None,
+            OrderingMode::Chained => (self.predecessor_id(i), self.entries[i].reemit),
+            _ => (None, false),
         };
+        if hold {
+            self.hold_behind = Some(seq);
+        }
         self.pending_leave(i);
         let entry = &mut self.entries[i];
         entry.attempts += 1;
@@ -1022,7 +1224,7 @@ impl Outbox {
         }
         self.in_flight += 1;
         self.timers
-            .push_back((now + self.config.ack_timeout, seq, attempt));
+            .push_back((deadline_after(now, self.config.ack_timeout), seq, attempt));
         if probe {
             self.breaker.handle(BreakerInput::ProbeSent, now);
         }

@@ -1,8 +1,10 @@
 //! Property tests (proptest-state-machine): the outbox and breaker, driven through the testkit Sim under scripted faults, against a pure reference model.
 //!
-//! Transitions push events (a few keys), advance virtual time, inject a fault for the next
-//! publish, drop the connection, and (in the foreign-writer property only) let another producer
-//! publish to the stream. After every transition the Sim's invariant check runs (I1-I4, window
+//! Transitions push events (a few keys), re-emit an event pushed earlier (same message id: a
+//! service retrying after its own timeout, a replayed job), advance virtual time, inject a fault
+//! for the next publish, drop the connection, and (in the foreign-writer property only) let
+//! another producer publish to the stream. One property runs against the replicated-stream model
+//! of 2.11+ (an id whose publish failed 10070 stays "in process", 10158, for the duplicate window). After every transition the Sim's invariant check runs (I1-I4, window
 //! and queue bounds, at most one outcome per event, no transmission while the breaker is open or
 //! its probe is out). At the end the faults stop, the run must go idle within bounded virtual
 //! time with an outcome for every event (I5), and the stream must hold, per key, exactly the
@@ -23,10 +25,12 @@ const KEYS: u8 = 3;
 const MAX_BODY: usize = 64;
 const FINISH_WITHIN: Duration = Duration::from_secs(3600);
 
-/// Which property: the ordering mode and whether a foreign writer shares the stream.
+/// Which property: the ordering mode, whether a foreign writer shares the stream, and whether the
+/// broker models a replicated 2.11+ stream.
 trait Variant: Clone + std::fmt::Debug + 'static {
     const ORDERING: OrderingMode;
     const FOREIGN: bool;
+    const REPLICATED: bool = false;
 }
 
 #[derive(Clone, Debug)]
@@ -58,8 +62,29 @@ impl Variant for ChainedWithForeignWriter {
 }
 
 #[derive(Clone, Debug)]
+struct ChainedReplicated;
+impl Variant for ChainedReplicated {
+    const ORDERING: OrderingMode = OrderingMode::Chained;
+    const FOREIGN: bool = false;
+    const REPLICATED: bool = true;
+}
+
+#[derive(Clone, Debug)]
+struct ChainedReplicatedWithForeignWriter;
+impl Variant for ChainedReplicatedWithForeignWriter {
+    const ORDERING: OrderingMode = OrderingMode::Chained;
+    const FOREIGN: bool = true;
+    const REPLICATED: bool = true;
+}
+
+#[derive(Clone, Debug)]
 enum Transition {
-    Push { key: u8, body_len: usize },
+    Push {
+        key: u8,
+        body_len: usize,
+    },
+    /// Push again the accepted event picked by this index (nothing if none was accepted yet).
+    Reemit(prop::sample::Index),
     Advance(Duration),
     Inject(Fault),
     ConnectionLoss,
@@ -113,9 +138,11 @@ impl<V: Variant> ReferenceStateMachine for Model<V> {
         let advance = prop_oneof![1u64..50, 50u64..1500, 1500u64..5000]
             .prop_map(|ms| Transition::Advance(Duration::from_millis(ms)));
         let inject = fault(Duration::from_millis(1500)).prop_map(Transition::Inject);
+        let reemit = any::<prop::sample::Index>().prop_map(Transition::Reemit);
         if V::FOREIGN {
             prop_oneof![
                 6 => push,
+                2 => reemit,
                 4 => advance,
                 2 => inject,
                 1 => Just(Transition::ConnectionLoss),
@@ -125,6 +152,7 @@ impl<V: Variant> ReferenceStateMachine for Model<V> {
         } else {
             prop_oneof![
                 6 => push,
+                2 => reemit,
                 4 => advance,
                 3 => inject,
                 1 => Just(Transition::ConnectionLoss),
@@ -136,6 +164,7 @@ impl<V: Variant> ReferenceStateMachine for Model<V> {
     fn apply(mut state: RefState, transition: &Transition) -> RefState {
         match transition {
             Transition::Push { key, .. } => state.pushes.push(format!("k{key}")),
+            Transition::Reemit(_) => {}
             Transition::Advance(d) => state.elapsed += *d,
             Transition::Inject(_) => state.injected += 1,
             Transition::ConnectionLoss => {}
@@ -156,10 +185,17 @@ fn outbox_config(ordering: OrderingMode, window: usize) -> OutboxConfig {
     }
 }
 
-fn broker_config() -> BrokerConfig {
+fn broker_config(replicated: bool) -> BrokerConfig {
     BrokerConfig {
-        // Covers every run (I2 is promised within the window; F3 covers outages beyond it).
-        duplicate_window: Duration::from_secs(2 * 3600),
+        // Covers every run (I2 is promised within the window; F3 covers outages beyond it). The
+        // replicated model keeps the server's default (2 minutes): an id blocked "in process"
+        // must be waited out within the run.
+        duplicate_window: if replicated {
+            Duration::from_secs(120)
+        } else {
+            Duration::from_secs(2 * 3600)
+        },
+        replicated,
         ..BrokerConfig::default()
     }
 }
@@ -177,7 +213,7 @@ impl<V: Variant> StateMachineTest for OutboxUnderFaults<V> {
     type Reference = Model<V>;
 
     fn init_test(ref_state: &RefState) -> Sim {
-        let broker = ScriptedBroker::new(broker_config(), ref_state.script.clone());
+        let broker = ScriptedBroker::new(broker_config(V::REPLICATED), ref_state.script.clone());
         Sim::new(outbox_config(V::ORDERING, ref_state.window), broker).expect("valid config")
     }
 
@@ -215,6 +251,25 @@ impl<V: Variant> StateMachineTest for OutboxUnderFaults<V> {
                 }
                 sim.settle();
             }
+            Transition::Reemit(pick) => {
+                let accepted: Vec<u64> = sim.pushed().keys().copied().collect();
+                if !accepted.is_empty() {
+                    let of = accepted[pick.index(accepted.len())];
+                    let held = (sim.outbox().len(), sim.outbox().bytes());
+                    match sim.push_reemit(of) {
+                        Ok(seq) => {
+                            assert_eq!(sim.pushed()[&seq].msg_id, sim.pushed()[&of].msg_id);
+                        }
+                        Err(Refused::QueueFull { events, bytes, .. }) => {
+                            assert_eq!((events, bytes), held);
+                        }
+                        Err(other) => {
+                            fail_with_trace(&sim, &format!("unexpected refusal {other:?}"))
+                        }
+                    }
+                    sim.settle();
+                }
+            }
             Transition::Advance(d) => sim.run_for(d),
             Transition::Inject(fault) => sim.broker_mut().inject_next(fault),
             Transition::ConnectionLoss => {
@@ -244,29 +299,37 @@ impl<V: Variant> StateMachineTest for OutboxUnderFaults<V> {
         if let Err(e) = sim.finish(FINISH_WITHIN) {
             fail_with_trace(&sim, &e);
         }
-        // Per key, the stream holds exactly the accepted, non-rejected pushes, in push order.
+        // Per key, the stream holds exactly the accepted, non-rejected events, in push order; a
+        // re-emitted event counts once, at its first push that was reported delivered.
         let accepted: BTreeMap<&str, u64> = sim
             .pushed()
             .iter()
+            .rev()
             .map(|(seq, e)| (e.msg_id.as_str(), *seq))
             .collect();
+        // Every accepted push (fresh or re-emitted) is one the reference asked for, with its key.
+        for event in sim.pushed().values() {
+            let n: usize = event.msg_id.as_str()[1..].parse().expect("m<n> ids");
+            assert_eq!(Some(&event.key), ref_state.pushes.get(n - 1));
+        }
         let mut expected: BTreeMap<&str, Vec<String>> = BTreeMap::new();
-        for (i, key) in ref_state.pushes.iter().enumerate() {
-            let id = RefState::msg_id(i + 1);
-            let Some(seq) = accepted.get(id.as_str()) else {
-                continue;
-            };
+        for (seq, event) in sim.pushed() {
             if matches!(sim.outcomes().get(seq), Some(Outcome::Delivered(_))) {
-                expected.entry(key.as_str()).or_default().push(id);
+                let ids = expected.entry(event.key.as_str()).or_default();
+                if !ids.iter().any(|id| id == event.msg_id.as_str()) {
+                    ids.push(event.msg_id.as_str().to_owned());
+                }
             }
         }
         let mut stored: BTreeMap<&str, Vec<String>> = BTreeMap::new();
         for r in sim.broker().stored() {
             if let Some(seq) = accepted.get(r.msg_id.as_str()) {
-                stored
-                    .entry(sim.pushed()[seq].key.as_str())
-                    .or_default()
-                    .push(r.msg_id.as_str().to_owned());
+                let ids = stored.entry(sim.pushed()[seq].key.as_str()).or_default();
+                // Copies beyond the duplicate window are the Sim's business (I2); order and
+                // completeness are about first copies.
+                if !ids.iter().any(|id| id == r.msg_id.as_str()) {
+                    ids.push(r.msg_id.as_str().to_owned());
+                }
             }
         }
         if V::ORDERING == OrderingMode::Unordered {
@@ -329,4 +392,10 @@ prop_state_machine! {
 
     #[test]
     fn chained_outbox_falls_back_safely_with_a_foreign_writer(sequential 1..60 => OutboxUnderFaults<ChainedWithForeignWriter>);
+
+    #[test]
+    fn chained_outbox_on_a_replicated_stream_waits_out_ids_in_process(sequential 1..60 => OutboxUnderFaults<ChainedReplicated>);
+
+    #[test]
+    fn chained_outbox_on_a_replicated_stream_with_a_foreign_writer(sequential 1..60 => OutboxUnderFaults<ChainedReplicatedWithForeignWriter>);
 }

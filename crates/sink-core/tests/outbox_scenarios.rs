@@ -79,14 +79,14 @@ fn lost_publish_blocks_successors_until_resent() {
     +0.001s error #3 attempt 1: 10070 wrong last msg ID: 
     +1.000s retrying from #1 (retry 1) in 100ms: no ack within the ack timeout (ambiguous)
     +1.100s transmit #1 m1 attempt 2 expect -
-    +1.100s transmit #2 m2 attempt 2 expect m1
-    +1.100s transmit #3 m3 attempt 2 expect m2
     +1.101s ack #1 attempt 2: seq 1
     +1.101s delivered #1 as 1
-    +1.101s ack #2 attempt 2: seq 2
-    +1.101s delivered #2 as 2
-    +1.101s ack #3 attempt 2: seq 3
-    +1.101s delivered #3 as 3
+    +1.101s transmit #2 m2 attempt 2 expect m1
+    +1.101s transmit #3 m3 attempt 2 expect m2
+    +1.102s ack #2 attempt 2: seq 2
+    +1.102s delivered #2 as 2
+    +1.102s ack #3 attempt 2: seq 3
+    +1.102s delivered #3 as 3
     ");
 }
 
@@ -524,4 +524,206 @@ fn overload_halves_the_window_once_per_burst_and_acks_grow_it_back() {
     // episode of its own, which would have run out the retries and opened the breaker.
     assert_eq!(sim.stats().retrying, 1, "{}", sim.trace_text());
     assert_eq!(sim.outbox().breaker(), BreakerState::Closed { failures: 0 });
+}
+
+/// A driver that must not publish (its stream became unsafe) still learns the outcome of what is
+/// in flight, and nothing new goes out until it polls for outputs again.
+#[test]
+fn poll_event_reports_outcomes_without_transmitting() {
+    use sink_core::outbox::{Ack, Message, Outbox, Output};
+    let start = sink_testkit::FakeClock::new().now();
+    let mut outbox = Outbox::new(config(OrderingMode::Chained, 4)).expect("valid");
+    let message = |n: u32| Message {
+        subject: "s.a".to_owned(),
+        msg_id: sink_core::event::MsgId::from_raw(format!("m{n}")),
+        headers: Vec::new(),
+        body: bytes::Bytes::from_static(b"x"),
+        key: String::new(),
+    };
+    let first = outbox.push(message(1), 0, start).expect("room");
+    let Some(Output::Transmit(t)) = outbox.poll_output(start) else {
+        panic!("the first event goes out");
+    };
+    assert_eq!(t.seq, first);
+    let second = outbox.push(message(2), 0, start).expect("room");
+    outbox.handle_ack(
+        first,
+        Ack {
+            stream: "S".to_owned(),
+            sequence: 1,
+            duplicate: false,
+        },
+        start,
+    );
+    assert!(
+        matches!(outbox.poll_event(), Some(Output::Delivered { seq, .. }) if seq == first),
+        "the ack of what was in flight is reported"
+    );
+    assert_eq!(
+        outbox.poll_event(),
+        None,
+        "the queued event is not transmitted"
+    );
+    assert_eq!(outbox.len(), 1);
+    assert!(
+        matches!(outbox.poll_output(start), Some(Output::Transmit(t)) if t.seq == second),
+        "once the driver polls outputs again it goes out"
+    );
+}
+
+#[test]
+fn reemitted_event_is_a_duplicate_receipt_not_another_writer() {
+    // A, B, A again, C (issue #9, RELIABILITY.md F20). The broker answers the re-emit `duplicate`
+    // with A's sequence and leaves its last id at B. Before the fix C was chained to A's id, got
+    // 10070 naming B, and the outbox took B for another writer's message: fallback for good.
+    let mut sim = sim(config(OrderingMode::Chained, 8), FaultScript::none());
+    let a = sim.push("k", 10).expect("room");
+    sim.push("k", 10).expect("room");
+    let again = sim.push_reemit(a).expect("room");
+    sim.push("k", 10).expect("room");
+    finish(&mut sim);
+    assert_eq!(stored_ids(&sim), ["m1", "m2", "m3"]);
+    assert_eq!(delivered(&sim, again), (1, true), "the original's sequence");
+    assert_eq!(sim.stats().fallbacks, 0);
+    assert_eq!(sim.outbox().ordering(), OrderingMode::Chained);
+    assert_eq!(sim.stats().retransmits, 0, "nothing re-sent: no slowdown");
+    insta::assert_snapshot!(sim.trace_text(), @r"
+    +0.000s push #1 m1 key=k
+    +0.000s push #2 m2 key=k
+    +0.000s push #3 m1 key=k
+    +0.000s push #4 m3 key=k
+    +0.000s transmit #1 m1 attempt 1 expect -
+    +0.000s transmit #2 m2 attempt 1 expect m1
+    +0.000s transmit #3 m1 attempt 1 expect m2
+    +0.001s ack #1 attempt 1: seq 1
+    +0.001s delivered #1 as 1
+    +0.001s ack #2 attempt 1: seq 2
+    +0.001s delivered #2 as 2
+    +0.001s ack #3 attempt 1: seq 1 duplicate
+    +0.001s delivered #3 as 1 (duplicate)
+    +0.001s transmit #4 m3 attempt 1 expect m2
+    +0.002s ack #4 attempt 1: seq 3
+    +0.002s delivered #4 as 3
+    ");
+}
+
+#[test]
+fn reemit_with_a_transient_failure_between_keeps_order_and_mode() {
+    // A, B, connection lost with B in flight, A again, C: whatever the order of answers, B is
+    // stored before C and nothing falls back.
+    let mut sim = sim(config(OrderingMode::Chained, 8), FaultScript::none());
+    let a = sim.push("k", 10).expect("room");
+    sim.run_for(Duration::from_millis(5));
+    sim.push("k", 10).expect("room");
+    sim.lose_connection();
+    sim.push_reemit(a).expect("room");
+    sim.push("k", 10).expect("room");
+    sim.reconnect();
+    finish(&mut sim);
+    assert_eq!(stored_ids(&sim), ["m1", "m2", "m3"]);
+    assert_eq!(sim.stats().fallbacks, 0);
+    assert_eq!(sim.outbox().ordering(), OrderingMode::Chained);
+}
+
+#[test]
+fn reemit_older_than_the_outbox_memory_relinks_the_chain() {
+    // The outbox remembers the last RECENT_IDS pushes; a re-emit of an older event (or of one
+    // stored by an earlier run of the service) is not recognised when pushed. The next event then
+    // goes out chained to the re-emit's id, the broker names the real last id (ours), and the
+    // chain re-links without an episode or a fallback.
+    let mut cfg = config(OrderingMode::Chained, 8);
+    cfg.max_events = 64;
+    let mut sim = sim(cfg, FaultScript::none());
+    sim.set_trace(false);
+    let first = sim.push("k", 10).expect("room");
+    for _ in 0..sink_core::outbox::RECENT_IDS {
+        sim.push("k", 10).expect("room");
+        sim.run_for(Duration::from_millis(1));
+    }
+    sim.run_for(Duration::from_millis(5));
+    sim.set_trace(true);
+    let again = sim.push_reemit(first).expect("room");
+    sim.push("k", 10).expect("room");
+    finish(&mut sim);
+    let stored = stored_ids(&sim);
+    assert_eq!(stored.len(), sink_core::outbox::RECENT_IDS + 2);
+    assert_eq!(delivered(&sim, again), (1, true));
+    assert_eq!(sim.stats().fallbacks, 0);
+    assert_eq!(sim.stats().retrying, 0, "a re-link is no failure episode");
+    assert_eq!(sim.outbox().ordering(), OrderingMode::Chained);
+    insta::assert_snapshot!(sim.trace_text(), @r"
+    +16.389s push #16386 m1 key=k
+    +16.389s push #16387 m16386 key=k
+    +16.389s transmit #16386 m1 attempt 1 expect m16385
+    +16.389s transmit #16387 m16386 attempt 1 expect m1
+    +16.390s ack #16386 attempt 1: seq 1 duplicate
+    +16.390s delivered #16386 as 1 (duplicate)
+    +16.390s error #16387 attempt 1: 10070 wrong last msg ID: m16385
+    +16.390s transmit #16387 m16386 attempt 2 expect m16385
+    +16.391s ack #16387 attempt 2: seq 16386
+    +16.391s delivered #16387 as 16386
+    ");
+}
+
+#[test]
+fn replicated_stream_waits_out_an_id_in_process_instead_of_rejecting_it() {
+    // 2.11+ replicated stream: #1 is lost, #2 and #3 fail 10070 when applied, and the leader keeps
+    // their ids "in process" (10158) for the duplicate window (5 s here). Before the fix 10158 was
+    // terminal: #2 and #3 were reported rejected. Now they are re-sent until the ids are free.
+    let broker = ScriptedBroker::new(
+        BrokerConfig {
+            duplicate_window: Duration::from_secs(5),
+            replicated: true,
+            ..BrokerConfig::default()
+        },
+        FaultScript::none().at(0, Fault::DropRequest),
+    );
+    let mut sim = Sim::new(config(OrderingMode::Chained, 4), broker).expect("valid config");
+    push_n(&mut sim, &["a", "a", "a"]);
+    finish(&mut sim);
+    assert_eq!(stored_ids(&sim), ["m1", "m2", "m3"]);
+    assert!(sim
+        .outcomes()
+        .values()
+        .all(|o| matches!(o, Outcome::Delivered(_))));
+    assert!(
+        sim.trace_text().contains("10158"),
+        "the scenario exercises the in-process answer:\n{}",
+        sim.trace_text()
+    );
+    let stored_at = sim.broker().stored()[2].stored_at;
+    assert!(
+        stored_at.duration_since(sim.broker().stored()[0].stored_at) < Duration::from_secs(8),
+        "re-sends pace at most {:?}, so the id is stored soon after the window frees it",
+        sink_core::outbox::IN_PROCESS_MAX_DELAY
+    );
+}
+
+#[test]
+fn reconnect_sends_the_probe_at_once_after_a_long_outage() {
+    // The breaker's reconnect delay has grown to minutes; when the client reconnects the probe
+    // must go now, not when that delay ends (issue #9 item 6).
+    let mut sim = sim(
+        config(OrderingMode::Chained, 4),
+        FaultScript::none().at(0, Fault::StreamMissing(Duration::from_secs(300))),
+    );
+    push_n(&mut sim, &["a", "a"]);
+    sim.run_for(Duration::from_secs(300));
+    let BreakerState::Open { until, attempt } = sim.outbox().breaker() else {
+        panic!("breaker not open after 5 min: {:?}", sim.outbox().breaker());
+    };
+    assert!(
+        attempt >= 5,
+        "the reconnect delay has grown (attempt {attempt})"
+    );
+    assert!(until.duration_since(sim.now()) > Duration::from_secs(2));
+    sim.broker_mut().stop_faults();
+    sim.reconnect();
+    sim.run_for(Duration::from_millis(50));
+    assert_eq!(
+        stored_ids(&sim),
+        ["m1", "m2"],
+        "delivered within 50 ms of the reconnect"
+    );
+    finish(&mut sim);
 }

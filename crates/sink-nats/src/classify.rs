@@ -2,7 +2,8 @@
 //!
 //! Classes (DESIGN.md): retryable (503 / no responders, stream unavailable, store failed on a
 //! full disk, another stream capturing the subject), overloaded (429: retryable, and the outbox shrinks
-//! its window), ambiguous (timeout, handled by the outbox), wrong-last-msg-id (the ordering chain), and
+//! its window), ambiguous (timeout, handled by the outbox; 10158 "duplicate message id is in
+//! process" on replicated streams), wrong-last-msg-id (the ordering chain), and
 //! terminal for one event (too large, stream limits with discard-new, sealed, anything else 4xx).
 
 use serde::Deserialize;
@@ -21,6 +22,10 @@ pub const STREAM_STORE_FAILED: u16 = 10077;
 pub const INSUFFICIENT_RESOURCES: u16 = 10023;
 /// JetStream: stream not found.
 pub const STREAM_NOT_FOUND: u16 = 10059;
+/// JetStream (replicated streams, 2.11+): "duplicate message id is in process". The leader holds
+/// the id as undecided: a transmission of it is still being replicated, or one failed when it was
+/// applied and the id stays blocked until the duplicate window passes. Ambiguous, never terminal.
+pub const DUPLICATE_IN_PROCESS: u16 = 10158;
 
 #[derive(Debug, Deserialize)]
 struct PubAckJson {
@@ -114,6 +119,7 @@ pub fn classify_api_error(code: u16, err_code: u16, description: &str) -> Failur
         WRONG_LAST_MSG_ID => Failure::WrongLastMsgId {
             actual: parse_wrong_last_id(description),
         },
+        DUPLICATE_IN_PROCESS => Failure::InProcess,
         MESSAGE_EXCEEDS_MAXIMUM => terminal(code, err_code),
         STREAM_STORE_FAILED if is_limit_refusal(description) => terminal(code, err_code),
         INSUFFICIENT_RESOURCES
@@ -238,6 +244,12 @@ mod tests {
             err(503, 10023, "insufficient resources"),
             Failure::Retryable { .. }
         ));
+        // A 409 would otherwise fall through to terminal: the event would be reported rejected
+        // while its first transmission may still commit.
+        assert_eq!(
+            err(409, 10158, "duplicate message id is in process"),
+            Failure::InProcess
+        );
         assert!(matches!(
             err(400, 10003, "bad request"),
             Failure::Terminal(_)

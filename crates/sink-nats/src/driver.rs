@@ -892,6 +892,9 @@ impl Driver {
             }
             async_nats::Event::Connected => {
                 tracing::info!("connected");
+                // The breaker's reconnect delay may have grown to minutes during a long outage;
+                // the client is back now, so the probe goes at once (issue #9 item 6).
+                self.outbox.handle_reconnected(Instant::now());
                 if !self.stream_checked {
                     self.stream_check_at = Some(Instant::now());
                 }

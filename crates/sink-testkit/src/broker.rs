@@ -176,6 +176,13 @@ pub struct BrokerConfig {
     pub duplicate_window: Duration,
     /// Time from a publish to its reply when nothing goes wrong.
     pub latency: Duration,
+    /// Model a replicated stream on nats-server 2.11+ (read in `checkMsgHeadersPreClusteredProposal`
+    /// and `processJetStreamMsg`): the leader stages a message id "in process" before the
+    /// message is replicated, and when the message then fails its `Nats-Expected-Last-Msg-Id`
+    /// check (10070, decided when applied) the staged id is not removed. Any later publish of
+    /// that id is answered 10158 "duplicate message id is in process" until the duplicate window
+    /// passes or the leader changes (a restart, [`Fault::ForgetLastId`], elects one).
+    pub replicated: bool,
 }
 
 impl Default for BrokerConfig {
@@ -184,6 +191,7 @@ impl Default for BrokerConfig {
             stream: "EVENTS".into(),
             duplicate_window: Duration::from_secs(120),
             latency: Duration::from_millis(1),
+            replicated: false,
         }
     }
 }
@@ -209,6 +217,8 @@ pub struct ScriptedBroker {
     stored: Vec<StoredRecord>,
     /// Message id -> (stream sequence, when stored), for the duplicate window.
     dedup: HashMap<MsgId, (u64, Instant)>,
+    /// Replicated model: ids blocked "in process" since a failed apply, and since when.
+    in_process: HashMap<MsgId, Instant>,
     last_msg_id: Option<MsgId>,
     missing_until: Option<Instant>,
     /// Scheduled replies by (due time, order of scheduling).
@@ -229,6 +239,7 @@ impl ScriptedBroker {
             publishes: 0,
             stored: Vec::new(),
             dedup: HashMap::new(),
+            in_process: HashMap::new(),
             last_msg_id: None,
             missing_until: None,
             replies: BTreeMap::new(),
@@ -282,7 +293,21 @@ impl ScriptedBroker {
 
     /// Forgets the last message id now (a restart), outside the fault script.
     pub fn forget_last_id(&mut self) {
+        self.restart();
+    }
+
+    /// A restart: the stream forgets its last message id, and (replicated model) the new leader
+    /// starts with no id in process.
+    fn restart(&mut self) {
         self.last_msg_id = None;
+        self.in_process.clear();
+    }
+
+    /// Whether `msg_id` is blocked "in process" now (replicated model).
+    pub fn is_in_process(&self, msg_id: &MsgId, now: Instant) -> bool {
+        self.in_process
+            .get(msg_id)
+            .is_some_and(|&at| now.saturating_duration_since(at) < self.config.duplicate_window)
     }
 
     /// Another producer stores `msg_id` (deduplicated like any publish, no expected-last header).
@@ -341,7 +366,7 @@ impl ScriptedBroker {
                     drop_request = true;
                     self.lose_connection();
                 }
-                Fault::ForgetLastId => self.last_msg_id = None,
+                Fault::ForgetLastId => self.restart(),
             }
             self.applied.push(AppliedFault {
                 publish: index,
@@ -363,11 +388,16 @@ impl ScriptedBroker {
             Reply::Fail(failure)
         } else if let Some(sequence) = self.duplicate_of(&req.msg_id, now) {
             Reply::Ack(self.ack(sequence, true))
+        } else if self.is_in_process(&req.msg_id, now) {
+            Reply::Fail(Failure::InProcess)
         } else if req
             .expected_last_msg_id
             .as_ref()
             .is_some_and(|e| self.last_msg_id.as_ref() != Some(e))
         {
+            if self.config.replicated {
+                self.in_process.insert(req.msg_id.clone(), now);
+            }
             let actual = self.last_msg_id.as_ref().map_or("", |m| m.as_str());
             // Error 10070, "wrong last msg ID: <actual>"; the actual id is empty when the stream
             // has none (empty, or forgotten after a restart).

@@ -41,6 +41,8 @@ pub struct PushedEvent {
     pub key: String,
     /// Its subject.
     pub subject: String,
+    /// Its body size.
+    pub body_len: usize,
 }
 
 /// Counters over a run.
@@ -84,7 +86,8 @@ pub struct Sim {
     outbox: Outbox,
     broker: ScriptedBroker,
     pushed: BTreeMap<EventSeq, PushedEvent>,
-    by_msg_id: HashMap<MsgId, EventSeq>,
+    /// Every accepted push of each message id (more than one for a re-emitted event), in order.
+    by_msg_id: HashMap<MsgId, Vec<EventSeq>>,
     outcomes: BTreeMap<EventSeq, Outcome>,
     stats: SimStats,
     trace: Vec<String>,
@@ -195,7 +198,23 @@ impl Sim {
         self.push_message(message)
     }
 
-    /// Pushes a prepared message. Its message id must be unique in the run.
+    /// Pushes event `of` again: same message id, key, subject and body size (a service re-emitting
+    /// an event, e.g. after its own timeout or in a replayed job). The broker should answer it as a
+    /// duplicate while the original is in the duplicate window; the invariants treat all pushes of
+    /// one id as one event.
+    pub fn push_reemit(&mut self, of: EventSeq) -> Result<EventSeq, Refused> {
+        let original = self.pushed[&of].clone();
+        let message = Message {
+            subject: original.subject,
+            msg_id: original.msg_id,
+            headers: Vec::new(),
+            body: Bytes::from(vec![b'x'; original.body_len]),
+            key: original.key,
+        };
+        self.push_message(message)
+    }
+
+    /// Pushes a prepared message. Pushing an id again is a re-emit (see [`Sim::push_reemit`]).
     pub fn push_message(&mut self, message: Message) -> Result<EventSeq, Refused> {
         let now = self.clock.now();
         let unix_ms = 1_700_000_000_000 + self.clock.elapsed().as_millis() as u64;
@@ -203,10 +222,14 @@ impl Sim {
             msg_id: message.msg_id.clone(),
             key: message.key.clone(),
             subject: message.subject.clone(),
+            body_len: message.body.len(),
         };
         match self.outbox.push(message, unix_ms, now) {
             Ok(seq) => {
-                self.by_msg_id.insert(event.msg_id.clone(), seq);
+                self.by_msg_id
+                    .entry(event.msg_id.clone())
+                    .or_default()
+                    .push(seq);
                 self.note(format!("push #{seq} {} key={}", event.msg_id, event.key));
                 self.pushed.insert(seq, event);
                 Ok(seq)
@@ -223,6 +246,13 @@ impl Sim {
         self.broker.lose_connection();
         self.broker.take_connection_lost();
         self.connection_lost();
+    }
+
+    /// The client reconnected now (after [`Sim::lose_connection`] or an outage): the outbox is told.
+    pub fn reconnect(&mut self) {
+        self.note("reconnected".into());
+        let now = self.clock.now();
+        self.outbox.handle_reconnected(now);
     }
 
     /// Another producer publishes `msg_id` to the same stream now.
@@ -362,14 +392,18 @@ impl Sim {
         }
         self.check_invariants()?;
         // I4 at rest: every event of ours in the stream was reported delivered.
+        // A re-emitted id counts once: some push of it must be reported delivered (a push
+        // rejected before a later re-emit got it stored told the truth about that push).
         for r in self.broker.stored() {
-            if let Some(seq) = self.by_msg_id.get(&r.msg_id) {
-                if !matches!(self.outcomes.get(seq), Some(Outcome::Delivered(_))) {
+            if let Some(seqs) = self.by_msg_id.get(&r.msg_id) {
+                let delivered = seqs
+                    .iter()
+                    .any(|s| matches!(self.outcomes.get(s), Some(Outcome::Delivered(_))));
+                if !delivered {
+                    let reported: Vec<_> = seqs.iter().map(|s| self.outcomes.get(s)).collect();
                     return Err(format!(
-                        "I4: #{seq} ({}) is stored as {} but reported {:?}",
-                        r.msg_id,
-                        r.stream_seq,
-                        self.outcomes.get(seq)
+                        "I4: {seqs:?} ({}) is stored as {} but reported {reported:?}",
+                        r.msg_id, r.stream_seq
                     ));
                 }
             }
@@ -438,7 +472,11 @@ impl Sim {
                     }
                 }
                 Outcome::Rejected(_) => {
-                    if let Some(stream_seq) = at {
+                    // A later re-emit of a rejected event may be what got the id stored.
+                    let other_push_delivered = self.by_msg_id[&event.msg_id].iter().any(|s| {
+                        s != seq && !matches!(self.outcomes.get(s), Some(Outcome::Rejected(_)))
+                    });
+                    if let Some(stream_seq) = at.filter(|_| !other_push_delivered) {
                         return Err(format!(
                             "I4: #{seq} ({}) reported rejected but stored as {stream_seq}",
                             event.msg_id
@@ -451,18 +489,22 @@ impl Sim {
             let mut last_per_key: HashMap<&str, EventSeq> = HashMap::new();
             let mut max_stored: Option<EventSeq> = None;
             for r in first_copies {
-                let Some(&seq) = self.by_msg_id.get(&r.msg_id) else {
+                let Some(seqs) = self.by_msg_id.get(&r.msg_id) else {
                     continue; // another producer's message
                 };
-                let key = self.pushed[&seq].key.as_str();
-                if let Some(prev) = last_per_key.insert(key, seq) {
-                    if prev > seq {
-                        return Err(format!(
-                            "I3: key {key:?}: #{seq} stored (as {}) after #{prev}",
-                            r.stream_seq
-                        ));
-                    }
-                }
+                // A re-emitted id stands for any of its pushes: take the earliest one that keeps
+                // the key in push order (greedy is enough: later records only need a later push).
+                let key = self.pushed[&seqs[0]].key.as_str();
+                let prev = last_per_key.get(key).copied();
+                let Some(seq) = seqs.iter().copied().find(|s| prev.is_none_or(|p| *s > p)) else {
+                    return Err(format!(
+                        "I3: key {key:?}: {} (pushed as {seqs:?}) stored (as {}) after #{}",
+                        r.msg_id,
+                        r.stream_seq,
+                        prev.unwrap_or_default()
+                    ));
+                };
+                last_per_key.insert(key, seq);
                 max_stored = max_stored.max(Some(seq));
             }
             if self.outbox.ordering() == OrderingMode::Chained {
@@ -609,6 +651,7 @@ impl Sim {
                     Failure::Retryable { reason } => format!("retryable ({reason})"),
                     Failure::Overloaded { reason } => format!("overloaded ({reason})"),
                     Failure::Timeout => "timeout".into(),
+                    Failure::InProcess => "10158 duplicate message id is in process".into(),
                     Failure::WrongLastMsgId { actual } => {
                         format!(
                             "10070 wrong last msg ID: {}",
