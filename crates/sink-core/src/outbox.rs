@@ -479,6 +479,10 @@ pub struct Outbox {
     /// while every earlier event is stored: after a failure episode (a restart may have made the
     /// stream forget its last id) and when the broker named a last id the chain cannot follow.
     reanchor: Option<EventSeq>,
+    /// Chained mode: the connection was lost (even with nothing in flight), so the stream may have
+    /// restarted and forgotten its last id: the next event sent while every earlier one is stored
+    /// is re-anchored.
+    reanchor_next: bool,
     retries: u32,
     /// Consecutive "in process" (10158) answers since the last ack, for the re-send delay.
     in_process_retries: u32,
@@ -523,6 +527,7 @@ impl Outbox {
             resume_at: None,
             hold_behind: None,
             reanchor: None,
+            reanchor_next: false,
             retries: 0,
             in_process_retries: 0,
             tail_seq: None,
@@ -743,6 +748,9 @@ impl Outbox {
 
     /// The connection dropped: every in-flight publish is in doubt. One failure episode.
     pub fn handle_connection_lost(&mut self, now: Instant) {
+        // Even an idle sink must not trust the stream's last id after this: a restart forgets it,
+        // and on a replicated stream (2.11+) a chained publish failing on it would block its id.
+        self.reanchor_next = true;
         let Some(first) = self
             .entries
             .iter()
@@ -770,6 +778,7 @@ impl Outbox {
     /// a pending retry delay ends too.
     pub fn handle_reconnected(&mut self, now: Instant) {
         self.resume_at = None;
+        self.reanchor_next = true;
         if let Some(event) = self.breaker.handle(BreakerInput::Reconnected, now) {
             self.outputs.push_back(Output::Breaker(event));
         }
@@ -1196,9 +1205,14 @@ impl Outbox {
         let seq = self.entries[i].seq;
         // A re-anchored event and a re-emitted one are answered in a way the next event's link
         // depends on (stored or not; `duplicate` or not): nothing follows them until then.
+        let reanchor_here = self.reanchor == Some(seq)
+            || (self.reanchor_next
+                && self.ordering == OrderingMode::Chained
+                && self.all_before_acked(i));
         let (expected_last_msg_id, hold) = match self.ordering {
-            OrderingMode::Chained if self.reanchor == Some(seq) => {
+            OrderingMode::Chained if reanchor_here => {
                 self.reanchor = None;
+                self.reanchor_next = false;
                 (None, true)
             }
             OrderingMode::Chained => (self.predecessor_id(i), self.entries[i].reemit),

@@ -727,3 +727,40 @@ fn reconnect_sends_the_probe_at_once_after_a_long_outage() {
     );
     finish(&mut sim);
 }
+
+#[test]
+fn idle_sink_reanchors_after_a_reconnect_instead_of_meeting_a_forgotten_last_id() {
+    // Nothing in flight while the (replicated, 2.11+) stream restarts and forgets its last id.
+    // Chaining the next event to the old anchor would fail 10070 when applied and block its id
+    // "in process" for the duplicate window; after a reconnect the first event goes without the
+    // header instead, and the next ones chain to it.
+    let broker = ScriptedBroker::new(
+        BrokerConfig {
+            replicated: true,
+            ..BrokerConfig::default()
+        },
+        FaultScript::none(),
+    );
+    let mut sim = Sim::new(config(OrderingMode::Chained, 4), broker).expect("valid config");
+    push_n(&mut sim, &["a", "a"]);
+    sim.run_for(Duration::from_millis(10));
+    sim.clear_trace();
+    sim.lose_connection();
+    sim.broker_mut().forget_last_id();
+    sim.reconnect();
+    push_n(&mut sim, &["a", "a"]);
+    finish(&mut sim);
+    assert_eq!(stored_ids(&sim), ["m1", "m2", "m3", "m4"]);
+    insta::assert_snapshot!(sim.trace_text(), @r"
+    +0.010s connection lost
+    +0.010s reconnected
+    +0.010s push #3 m3 key=a
+    +0.010s push #4 m4 key=a
+    +0.010s transmit #3 m3 attempt 1 expect -
+    +0.011s ack #3 attempt 1: seq 3
+    +0.011s delivered #3 as 3
+    +0.011s transmit #4 m4 attempt 1 expect m3
+    +0.012s ack #4 attempt 1: seq 4
+    +0.012s delivered #4 as 4
+    ");
+}
