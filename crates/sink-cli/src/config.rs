@@ -28,7 +28,7 @@ use anyhow::{bail, Context as _};
 use clap::Args;
 use serde::Deserialize;
 use sink_core::subject::SubjectTemplate;
-use sink_nats::{redact_url, Auth, Secret, SinkConfig, Tls};
+use sink_nats::{redact_url, Auth, Secret, ServerUrl, SinkConfig, Tls};
 
 /// Default server URL.
 pub const DEFAULT_URL: &str = "nats://127.0.0.1:4222";
@@ -295,34 +295,7 @@ fn check_readable(path: &Path, what: &str) -> anyhow::Result<()> {
 /// Checks that every URL parses as a NATS server address; messages show redacted URLs only.
 fn check_urls(urls: &str) -> anyhow::Result<()> {
     for url in urls.split(',') {
-        let url = url.trim();
-        let shown = redact_url(url);
-        if url.is_empty() {
-            bail!("server URL list {:?} has an empty entry", redact_url(urls));
-        }
-        let rest = match url.split_once("://") {
-            Some((scheme, rest)) => {
-                let scheme = scheme.to_ascii_lowercase();
-                if !matches!(scheme.as_str(), "nats" | "tls" | "ws" | "wss") {
-                    bail!("server URL {shown}: scheme `{scheme}` is not supported; use nats:// or tls://");
-                }
-                rest
-            }
-            None => url,
-        };
-        let host_port = rest.rsplit_once('@').map_or(rest, |(_, h)| h);
-        let host_port = host_port.split('/').next().unwrap_or_default();
-        if host_port.is_empty() {
-            bail!("server URL {shown} has no host; use e.g. nats://127.0.0.1:4222");
-        }
-        if let Some((_, port)) = host_port.rsplit_once(':') {
-            if !host_port.ends_with(']') && port.parse::<u16>().is_err() {
-                bail!("server URL {shown}: port `{port}` is not a number between 0 and 65535");
-            }
-        }
-        if url.parse::<async_nats::ServerAddr>().is_err() {
-            bail!("server URL {shown} is not a valid NATS URL; use e.g. nats://127.0.0.1:4222");
-        }
+        ServerUrl::parse(url)?;
     }
     Ok(())
 }
@@ -378,9 +351,11 @@ mod tests {
     #[test]
     fn bad_urls_are_named_redacted() {
         for (url, want) in [
-            ("nats://u:s3cret@host:99999", "port `99999`"),
+            ("nats://u:s3cret@host:99999", "invalid port number"),
             ("http://u:s3cret@host:4222", "scheme `http`"),
             ("nats://u:s3cret@", "no host"),
+            ("nats://u:s3/cr@et@host:4222,", "empty"),
+            ("nats://:s3cret@host", "no user name"),
         ] {
             let common = Common {
                 url: Some(url.into()),

@@ -365,16 +365,8 @@ async fn collect(
 
 /// `host:port` of a NATS URL (`nats://user:pass@host:port` -> `host:port`), for the proxy upstream.
 pub(crate) fn host_port(url: &str) -> anyhow::Result<String> {
-    let first = url.split(',').next().unwrap_or(url).trim();
-    let rest = first.split_once("://").map_or(first, |(_, r)| r);
-    let rest = rest.rsplit_once('@').map_or(rest, |(_, r)| r);
-    let rest = rest.trim_end_matches('/');
-    anyhow::ensure!(!rest.is_empty(), "no host in the server URL");
-    Ok(if rest.contains(':') {
-        rest.to_owned()
-    } else {
-        format!("{rest}:4222")
-    })
+    let first = sink_nats::ServerUrl::parse(url.split(',').next().unwrap_or(url))?;
+    Ok(format!("{}:{}", first.host(), first.port()))
 }
 
 fn unix_millis() -> u128 {

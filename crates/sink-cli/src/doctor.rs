@@ -9,7 +9,7 @@ use async_nats::jetstream;
 use clap::Args;
 use serde_json::Value;
 use sink_core::stream::verify;
-use sink_nats::{connect_client, stream_requirements, Auth, SinkConfig, StartError};
+use sink_nats::{connect_client, stream_requirements, Auth, ServerUrl, SinkConfig, StartError};
 
 use crate::config::Common;
 use crate::output::duration;
@@ -201,13 +201,10 @@ pub async fn run(args: DoctorArgs, common: &Common) -> anyhow::Result<ExitCode> 
 }
 
 fn auth_method(config: &SinkConfig) -> &'static str {
-    let in_url = config.servers.iter().any(|s| {
-        s.split_once("://")
-            .map_or(s.as_str(), |(_, rest)| rest)
-            .split('/')
-            .next()
-            .is_some_and(|authority| authority.contains('@'))
-    });
+    let in_url = config
+        .servers
+        .iter()
+        .any(|s| ServerUrl::parse(s).is_ok_and(|u| u.has_credentials()));
     match &config.auth {
         Auth::Token(_) => "token",
         Auth::UserPassword { .. } => "user/password",

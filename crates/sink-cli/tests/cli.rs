@@ -318,8 +318,9 @@ fn malformed_url_is_named_without_echoing_the_password() {
     ]);
     assert_eq!(code(&out), 2, "{}", show(&out));
     let err = stderr(&out);
-    assert!(err.contains("port `99999`"), "{err}");
-    assert!(err.contains("nats://***@127.0.0.1:99999"), "{err}");
+    // A URL that does not parse is shown fully redacted, with the parser's reason.
+    assert!(err.contains("invalid port number"), "{err}");
+    assert!(err.contains("nats://***"), "{err}");
     assert!(!show(&out).contains("s3cret"), "{}", show(&out));
 }
 

@@ -8,6 +8,8 @@ use sink_core::backoff::{Backoff, RetrySchedule};
 use sink_core::encoding::Encoding;
 use sink_core::outbox::{BreakerOpenPolicy, OrderingMode};
 
+use crate::server_url::redact_url;
+
 /// A secret string (token, password, nkey seed). Its `Debug` and `Display` never show the value.
 #[derive(Clone, PartialEq, Eq)]
 pub struct Secret(String);
@@ -117,7 +119,9 @@ pub enum OrderingKey {
 /// credentials.
 #[derive(Clone)]
 pub struct SinkConfig {
-    /// Server URLs (`nats://host:port`, `tls://...`). Credentials in a URL are treated as secrets.
+    /// Server URLs (`nats://host:port`, `tls://...`). Credentials in a URL's userinfo are secrets:
+    /// percent-decoded and handed to the client, never shown (see [`crate::ServerUrl`] for how a
+    /// raw `@`, `/`, `?` or `:` in a password is read).
     pub servers: Vec<String>,
     /// Client connection name.
     pub name: String,
@@ -231,50 +235,9 @@ impl Default for SinkConfig {
     }
 }
 
-/// Replaces the userinfo of a URL (`nats://user:pass@host`) with `***`, for logs and errors.
-pub fn redact_url(url: &str) -> String {
-    let (scheme, rest) = match url.split_once("://") {
-        Some((s, r)) => (Some(s), r),
-        None => (None, url),
-    };
-    let host_part_end = rest.find('/').unwrap_or(rest.len());
-    let (authority, tail) = rest.split_at(host_part_end);
-    let authority = match authority.rsplit_once('@') {
-        Some((_, host)) => format!("***@{host}"),
-        None => authority.to_owned(),
-    };
-    match scheme {
-        Some(s) => format!("{s}://{authority}{tail}"),
-        None => format!("{authority}{tail}"),
-    }
-}
-
-/// Every server URL, redacted, comma-separated.
-pub fn redacted_servers(servers: &[String]) -> String {
-    servers
-        .iter()
-        .map(|s| redact_url(s))
-        .collect::<Vec<_>>()
-        .join(",")
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn urls_lose_their_userinfo() {
-        for (url, want) in [
-            ("nats://u:hunter2@h:4222", "nats://***@h:4222"),
-            ("nats://tok3n@h:4222", "nats://***@h:4222"),
-            ("tls://a:b@c@h", "tls://***@h"),
-            ("nats://h:4222", "nats://h:4222"),
-            ("h:4222", "h:4222"),
-            ("u:p@h:4222", "***@h:4222"),
-        ] {
-            assert_eq!(redact_url(url), want, "{url}");
-        }
-    }
 
     #[test]
     fn config_debug_redacts_url_credentials() {

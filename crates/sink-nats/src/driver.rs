@@ -21,11 +21,12 @@ use sink_core::stream::{verify, StreamFacts, StreamRequirements};
 use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit};
 
 use crate::classify::{classify, Verdict};
-use crate::config::{redacted_servers, Auth, SinkConfig, StreamPolicy};
+use crate::config::{Auth, SinkConfig, StreamPolicy};
 use crate::error::{EmitError, StartError};
 use crate::facts::{facts_from_info, new_stream_config};
 use crate::metrics as m;
 use crate::sink::{CloseReport, Receipt, Shared};
+use crate::server_url::{redacted_servers, ServerUrl, UrlCredentials};
 use crate::subjects::Subjects;
 
 /// Queue admission held by an event until its outcome; dropping it makes room.
@@ -82,9 +83,13 @@ pub(crate) struct Started {
 pub(crate) async fn connect_options(config: &SinkConfig) -> Result<ConnectOptions, StartError> {
     let mut opts = match &config.auth {
         // async-nats ignores a URL's userinfo, so hand it over as explicit credentials.
-        Auth::None => match url_credentials(&config.servers) {
-            Some((user, Some(password))) => ConnectOptions::with_user_and_password(user, password),
-            Some((token, None)) => ConnectOptions::with_token(token),
+        Auth::None => match url_credentials(&server_urls(config)?) {
+            Some(UrlCredentials::UserPassword { user, password }) => {
+                ConnectOptions::with_user_and_password(user, password.expose().to_owned())
+            }
+            Some(UrlCredentials::Token(token)) => {
+                ConnectOptions::with_token(token.expose().to_owned())
+            }
             None => ConnectOptions::new(),
         },
         Auth::Token(t) => ConnectOptions::with_token(t.expose().to_owned()),
@@ -129,49 +134,23 @@ pub(crate) async fn connect_options(config: &SinkConfig) -> Result<ConnectOption
         }))
 }
 
-/// Credentials from the first server URL that carries userinfo: `(user, Some(password))` for
-/// `user:password@`, `(token, None)` for `token@`; percent-decoded.
-fn url_credentials(servers: &[String]) -> Option<(String, Option<String>)> {
-    servers.iter().find_map(|s| {
-        let addr: async_nats::ServerAddr = s.parse().ok()?;
-        let user = percent_decode(addr.username()?);
-        Some((user, addr.password().map(percent_decode)))
-    })
+/// Credentials from the first server URL that carries userinfo, percent-decoded.
+fn url_credentials(urls: &[ServerUrl]) -> Option<UrlCredentials> {
+    urls.iter().find_map(|u| u.credentials().cloned())
 }
 
-/// The URL without its userinfo (`nats://u:p@h:1` -> `nats://h:1`).
-pub(crate) fn strip_userinfo(url: &str) -> String {
-    let (scheme, rest) = match url.split_once("://") {
-        Some((s, r)) => (format!("{s}://"), r),
-        None => (String::new(), url),
-    };
-    let end = rest.find('/').unwrap_or(rest.len());
-    let (authority, tail) = rest.split_at(end);
-    let host = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
-    format!("{scheme}{host}{tail}")
-}
-
-fn percent_decode(text: &str) -> String {
-    let bytes = text.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        let hex = bytes
-            .get(i + 1..i + 3)
-            .and_then(|h| std::str::from_utf8(h).ok())
-            .and_then(|h| u8::from_str_radix(h, 16).ok());
-        match (bytes[i], hex) {
-            (b'%', Some(b)) => {
-                out.push(b);
-                i += 3;
-            }
-            (b, _) => {
-                out.push(b);
-                i += 1;
-            }
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
+/// Every server URL, parsed; a refusal names `servers` and shows the URL redacted.
+fn server_urls(config: &SinkConfig) -> Result<Vec<ServerUrl>, StartError> {
+    config
+        .servers
+        .iter()
+        .map(|s| {
+            ServerUrl::parse(s).map_err(|e| StartError::Config {
+                field: "servers",
+                problem: e.to_string(),
+            })
+        })
+        .collect()
 }
 
 fn check_readable(what: &'static str, path: &std::path::Path) -> Result<(), StartError> {
@@ -193,19 +172,10 @@ fn check_readable(what: &'static str, path: &std::path::Path) -> Result<(), Star
 /// The server list as client addresses, without userinfo: the credentials went into the options,
 /// and the client logs its addresses.
 pub(crate) fn server_addrs(config: &SinkConfig) -> Result<Vec<async_nats::ServerAddr>, StartError> {
-    config
-        .servers
+    Ok(server_urls(config)?
         .iter()
-        .map(|s| {
-            strip_userinfo(s).parse().map_err(|_| StartError::Config {
-                field: "servers",
-                problem: format!(
-                    "`{}` is not a NATS URL; use nats://host:port or tls://host:port",
-                    crate::config::redact_url(s)
-                ),
-            })
-        })
-        .collect()
+        .map(|u| u.addr().clone())
+        .collect())
 }
 
 /// A client connect error as a start error, credentials scrubbed.
@@ -311,10 +281,10 @@ fn validate(config: &SinkConfig) -> Result<(), StartError> {
     })
 }
 
-/// Removes anything credential-like the client library might echo.
+/// Removes anything credential-like the client library might echo: the configured secret and
+/// every form (as written, decoded) of each URL's userinfo.
 fn scrub(text: &str, config: &SinkConfig) -> String {
-    let mut out = text.to_owned();
-    let secrets: Vec<&str> = match &config.auth {
+    let mut secrets: Vec<&str> = match &config.auth {
         Auth::Token(t) => vec![t.expose()],
         Auth::UserPassword { password, .. } => vec![password.expose()],
         Auth::NkeySeed(s) => vec![s.expose()],
@@ -322,15 +292,6 @@ fn scrub(text: &str, config: &SinkConfig) -> String {
     };
     for s in secrets.into_iter().filter(|s| !s.is_empty()) {
         out = out.replace(s, "***");
-    }
-    for url in &config.servers {
-        if let Some((_, rest)) = url.split_once("://") {
-            if let Some((userinfo, _)) = rest.split_once('@') {
-                if !userinfo.is_empty() {
-                    out = out.replace(userinfo, "***");
-                }
-            }
-        }
     }
     out
 }
@@ -382,6 +343,15 @@ async fn check_stream(
             } else {
                 return Err(api(text));
             }
+    let urls: Vec<ServerUrl> = config
+        .servers
+        .iter()
+        .filter_map(|s| ServerUrl::parse(s).ok())
+        .collect();
+    secrets.extend(urls.iter().flat_map(ServerUrl::secrets));
+    // Longest first, so a secret that contains another is not left half-replaced.
+    secrets.sort_by_key(|s| std::cmp::Reverse(s.len()));
+    let mut out = text.to_owned();
         }
     };
     let violations = verify(&facts, &requirements(config, subjects));
@@ -1049,19 +1019,40 @@ mod tests {
     use super::*;
 
     #[test]
-    fn url_userinfo_becomes_credentials() {
-        let servers = |s: &[&str]| s.iter().map(|s| s.to_string()).collect::<Vec<_>>();
-        assert_eq!(url_credentials(&servers(&["nats://h:4222"])), None);
+    fn url_userinfo_becomes_credentials_of_the_first_url_that_has_some() {
+        let urls = |s: &[&str]| {
+            let config = SinkConfig {
+                servers: s.iter().map(|s| s.to_string()).collect(),
+                ..SinkConfig::default()
+            };
+            server_urls(&config).expect("valid URLs")
+        };
+        assert_eq!(url_credentials(&urls(&["nats://h:4222"])), None);
         assert_eq!(
-            url_credentials(&servers(&["nats://h:1", "nats://svc:p%40ss@h:2"])),
-            Some(("svc".into(), Some("p@ss".into())))
+            url_credentials(&urls(&[
+                "nats://h:1",
+                "nats://svc:p%40ss@h:2",
+                "nats://t@h:3"
+            ])),
+            Some(UrlCredentials::UserPassword {
+                user: "svc".into(),
+                password: Secret::new("p@ss")
+            })
         );
         assert_eq!(
-            url_credentials(&servers(&["nats://t0ken@h:1"])),
-            Some(("t0ken".into(), None))
+            url_credentials(&urls(&["nats://t0k/en@h:1"])),
+            Some(UrlCredentials::Token(Secret::new("t0k/en")))
         );
-        assert_eq!(strip_userinfo("nats://u:p@h:1"), "nats://h:1");
-        assert_eq!(strip_userinfo("h:1"), "h:1");
+    }
+
+    #[test]
+    fn scrub_removes_every_form_of_a_url_secret() {
+        let config = SinkConfig {
+            servers: vec!["nats://svc:p%40ss/w?rd@h:1".into()],
+            ..SinkConfig::default()
+        };
+        let text = "a p%40ss/w?rd b p@ss/w?rd c svc:p%40ss/w?rd d";
+        assert_eq!(scrub(text, &config), "a *** b *** c *** d");
     }
 
     #[test]
@@ -1074,3 +1065,4 @@ mod tests {
         assert_eq!(parse_reply_subject("_INBOX.other.1.1", "_INBOX.ab"), None);
     }
 }
+    use crate::config::Secret;

@@ -41,6 +41,7 @@ mod driver;
 mod error;
 mod facts;
 mod metrics;
+mod server_url;
 mod sink;
 mod subjects;
 
@@ -49,9 +50,10 @@ mod subjects;
 pub mod cellos;
 
 pub use classify::{classify, classify_api_error, parse_wrong_last_id, Verdict};
-pub use config::{redact_url, Auth, OrderingKey, Secret, SinkConfig, StreamPolicy, Tls, WhenFull};
+pub use config::{Auth, OrderingKey, Secret, SinkConfig, StreamPolicy, Tls, WhenFull};
 pub use error::{EmitError, StartError};
 pub use facts::{facts_from_info, new_stream_config};
+pub use server_url::{redact_url, ServerUrl, UrlError};
 pub use sink::{
     BreakerStatus, CloseReport, EventSink, Health, JetStreamSink, Pending, Receipt, SinkBuilder,
 };

@@ -376,3 +376,329 @@ async fn an_invalid_subject_template_is_a_template_error() {
         );
     }
 }
+
+/// URL shapes for the redaction properties: what a user may write, secrets included, and what
+/// the redacted form must be.
+mod url_shapes {
+    use proptest::prelude::*;
+
+    /// Userinfo as written in a URL. Every variant's value is a secret to the sink (a name alone
+    /// is a token).
+    #[derive(Debug, Clone)]
+    pub enum Userinfo {
+        None,
+        UserOnly(String),
+        UserPassword { user: String, password: String },
+        Token(String),
+    }
+
+    #[derive(Debug, Clone)]
+    pub struct Shape {
+        pub scheme: Option<&'static str>,
+        pub userinfo: Userinfo,
+        /// Secrets percent-encoded in the URL (else written raw).
+        pub encoded: bool,
+        pub host: String,
+        pub port: Option<u16>,
+    }
+
+    /// `%XX` for every byte that is not a letter or digit.
+    pub fn encode(text: &str) -> String {
+        text.bytes()
+            .map(|b| {
+                if b.is_ascii_alphanumeric() {
+                    (b as char).to_string()
+                } else {
+                    format!("%{b:02X}")
+                }
+            })
+            .collect()
+    }
+
+    impl Shape {
+        /// The secrets of this URL, each as meant and as written in the URL.
+        pub fn secrets(&self) -> Vec<String> {
+            let meant = match &self.userinfo {
+                Userinfo::None => vec![],
+                Userinfo::UserOnly(s) | Userinfo::Token(s) => vec![s.clone()],
+                Userinfo::UserPassword { password, .. } => vec![password.clone()],
+            };
+            let written = meant.iter().map(|s| self.written(s));
+            meant.iter().cloned().chain(written).collect()
+        }
+
+        fn written(&self, secret: &str) -> String {
+            if self.encoded {
+                encode(secret)
+            } else {
+                secret.to_owned()
+            }
+        }
+
+        pub fn url(&self) -> String {
+            let scheme = self.scheme.map(|s| format!("{s}://")).unwrap_or_default();
+            let userinfo = match &self.userinfo {
+                Userinfo::None => String::new(),
+                Userinfo::UserOnly(s) | Userinfo::Token(s) => format!("{}@", self.written(s)),
+                Userinfo::UserPassword { user, password } => {
+                    format!("{user}:{}@", self.written(password))
+                }
+            };
+            let port = self.port.map(|p| format!(":{p}")).unwrap_or_default();
+            format!("{scheme}{userinfo}{}{port}", self.host)
+        }
+
+        /// What the redacted form must be: scheme as given, `***@` for any userinfo, the host,
+        /// and the port the client dials.
+        pub fn redacted(&self) -> String {
+            let scheme = self.scheme.map(|s| format!("{s}://")).unwrap_or_default();
+            let userinfo = if matches!(self.userinfo, Userinfo::None) {
+                ""
+            } else {
+                "***@"
+            };
+            let port = self.port.unwrap_or(match self.scheme {
+                Some("ws") => 80,
+                Some("wss") => 443,
+                _ => 4222,
+            });
+            format!("{scheme}{userinfo}{}:{port}", self.host)
+        }
+    }
+
+    /// Secrets: base64 characters and every character with a meaning in a URL.
+    pub fn secret() -> impl Strategy<Value = String> {
+        prop_oneof![
+            "[A-Za-z0-9+/=@%:?#\\[\\] ]{4,24}",
+            "[/@%:?#]{4,12}",
+            "[A-Za-z0-9+/]{8,40}={0,2}",
+        ]
+    }
+
+    fn user() -> impl Strategy<Value = String> {
+        "[a-z][a-z0-9_]{3,8}"
+    }
+
+    pub fn host() -> impl Strategy<Value = String> {
+        prop_oneof![
+            "[a-z][a-z0-9]{0,8}(\\.[a-z][a-z0-9]{0,6}){0,2}",
+            any::<[u8; 4]>().prop_map(|o| format!("{}.{}.{}.{}", o[0], o[1], o[2], o[3])),
+            Just("[::1]".to_owned()),
+            Just("[2001:db8::42]".to_owned()),
+            Just("[fe80::1:2]".to_owned()),
+        ]
+    }
+
+    fn userinfo() -> impl Strategy<Value = Userinfo> {
+        prop_oneof![
+            Just(Userinfo::None),
+            user().prop_map(Userinfo::UserOnly),
+            (user(), secret())
+                .prop_map(|(user, password)| Userinfo::UserPassword { user, password }),
+            secret().prop_map(Userinfo::Token),
+        ]
+    }
+
+    pub fn shape_on(
+        host: BoxedStrategy<String>,
+        port: BoxedStrategy<Option<u16>>,
+    ) -> impl Strategy<Value = Shape> {
+        (
+            prop_oneof![
+                Just(None),
+                Just(Some("nats")),
+                Just(Some("tls")),
+                Just(Some("ws")),
+                Just(Some("wss")),
+            ],
+            userinfo(),
+            any::<bool>(),
+            host,
+            port,
+        )
+            .prop_map(|(scheme, userinfo, encoded, host, port)| Shape {
+                scheme,
+                userinfo,
+                encoded,
+                host,
+                port,
+            })
+            // Documented ambiguity: without a scheme, a raw token holding `://` reads as one.
+            .prop_filter("scheme-less raw token with ://", |s| {
+                s.scheme.is_some()
+                    || s.encoded
+                    || !s.url().split('@').next().unwrap_or("").contains("://")
+            })
+    }
+
+    pub fn shape() -> impl Strategy<Value = Shape> {
+        shape_on(host().boxed(), proptest::option::of(1..=u16::MAX).boxed())
+    }
+
+    /// Panics naming the window when a 4-character piece of a secret shows in `text` without
+    /// also showing in `baseline` (the same output from URLs without secrets).
+    pub fn assert_no_window(text: &str, baseline: &str, secrets: &[String]) {
+        for secret in secrets {
+            let chars: Vec<char> = secret.chars().collect();
+            for window in chars.windows(4) {
+                let window: String = window.iter().collect();
+                assert!(
+                    !text.contains(&window) || baseline.contains(&window),
+                    "secret piece {window:?} of {secret:?} shows in: {text}"
+                );
+            }
+        }
+    }
+}
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig::with_cases(512))]
+
+    /// Redaction is exact: `scheme://***@host:port`, whatever the secret holds and however it is
+    /// written; the config's `Debug` is the one it would have without secrets.
+    #[test]
+    fn no_url_secret_survives_redaction_or_debug(
+        shapes in proptest::collection::vec(url_shapes::shape(), 1..=3),
+    ) {
+        // Equality with a form built without the secrets is stronger than searching for them:
+        // no piece of a secret can show, and host and port survive.
+        for s in &shapes {
+            proptest::prop_assert_eq!(sink_nats::redact_url(&s.url()), s.redacted(), "url {:?}", s.url());
+        }
+        let urls: Vec<String> = shapes.iter().map(url_shapes::Shape::url).collect();
+        let redacted: Vec<String> = shapes.iter().map(url_shapes::Shape::redacted).collect();
+        let config = JetStreamSink::builder(urls.join(",")).config().clone();
+        let baseline = JetStreamSink::builder(redacted.join(",")).config().clone();
+        proptest::prop_assert_eq!(format!("{config:?}"), format!("{baseline:?}"));
+    }
+}
+
+/// A failed connect (nothing listens on the port) with secrets of every shape in the URLs: the
+/// error's `Display` and `Debug` name the redacted servers and show no piece of a secret, nor do
+/// the logs. Few cases: each one connects.
+#[test]
+fn a_failed_connect_shows_no_url_secret() {
+    use proptest::prelude::*;
+    use proptest::test_runner::{Config, TestRunner};
+
+    let _ = captured_logs();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let port = closed_port();
+    let hosts = prop_oneof![
+        Just("127.0.0.1".to_owned()),
+        Just("localhost".to_owned()),
+        Just("[::1]".to_owned()),
+    ];
+    let strategy = proptest::collection::vec(
+        url_shapes::shape_on(hosts.boxed(), Just(Some(port)).boxed()),
+        1..=3,
+    );
+    let mut runner = TestRunner::new(Config {
+        cases: 12,
+        failure_persistence: None,
+        ..Config::default()
+    });
+    let connect = |urls: Vec<String>| {
+        rt.block_on(async {
+            let connecting = builder(&urls.join(",")).connect();
+            tokio::time::timeout(Duration::from_secs(30), connecting)
+                .await
+                .expect("I5: a refused connect fails within its bound")
+                .expect_err("nothing listens on the port")
+        })
+    };
+    let long_secrets = std::sync::Mutex::new(Vec::new());
+    let result = runner.run(&strategy, |shapes| {
+        let secrets: Vec<String> = shapes.iter().flat_map(|s| s.secrets()).collect();
+        let err = connect(shapes.iter().map(url_shapes::Shape::url).collect());
+        let baseline = connect(shapes.iter().map(url_shapes::Shape::redacted).collect());
+        let redacted: Vec<String> = shapes.iter().map(url_shapes::Shape::redacted).collect();
+        match &err {
+            StartError::Connect { servers, .. } => {
+                prop_assert_eq!(servers, &redacted.join(","))
+            }
+            // A raw `:` first in a token reads as `:password` without a user.
+            StartError::Config { field, problem } => {
+                prop_assert_eq!(*field, "servers");
+                prop_assert!(problem.contains("no user name"), "{}", problem);
+            }
+            other => prop_assert!(false, "unexpected error {other:?}"),
+        }
+        for (text, base) in [
+            (format!("{err}"), format!("{baseline}")),
+            (format!("{err:?}"), format!("{baseline:?}")),
+        ] {
+            url_shapes::assert_no_window(&text, &base, &secrets);
+        }
+        long_secrets
+            .lock()
+            .unwrap()
+            .extend(secrets.into_iter().filter(|s| s.len() >= 8));
+        Ok(())
+    });
+    if let Err(e) = result {
+        panic!("{e}");
+    }
+    // The logs hold every test's output: only secrets long enough not to occur by chance.
+    let logs = logs_text();
+    for s in long_secrets.lock().unwrap().iter() {
+        assert!(!logs.contains(s.as_str()), "secret {s:?} shows in the logs");
+    }
+}
+
+/// Credentials whose password holds `/`, `@`, `%`, `:` and `?`, written percent-encoded and raw:
+/// correct ones authenticate and deliver, wrong ones give an authorization error; no form of
+/// either shows in errors, `Debug` or logs.
+async fn url_credentials_with_reserved_characters(version: ServerVersion) {
+    let _ = captured_logs();
+    let mut shown = Shown::default();
+    let unique = secret("pw");
+    let password = format!("p/a@s%s:w?{unique}");
+    let wrong = format!("w/r@o%n:g?{unique}");
+    let server = server_with(
+        version,
+        ServerAuth::UserPassword {
+            user: "svc".into(),
+            password: password.clone(),
+        },
+    )
+    .await;
+    let port = server.port();
+    let encoded = |pw: &str| format!("nats://svc:{}@127.0.0.1:{port}", url_shapes::encode(pw));
+    let raw = |pw: &str| format!("nats://svc:{pw}@127.0.0.1:{port}");
+    for url in [encoded(&wrong), raw(&wrong)] {
+        expect_auth_error(builder(&url), &mut shown, "wrong password with / @ % : ?").await;
+    }
+    for url in [encoded(&password), raw(&password)] {
+        let sink = run_ok(builder(&url), &mut shown).await;
+        shown.debug(&sink.close(Duration::from_secs(5)).await);
+    }
+    let secrets = [
+        password.clone(),
+        url_shapes::encode(&password),
+        wrong.clone(),
+        url_shapes::encode(&wrong),
+        unique,
+    ];
+    let secrets: Vec<&str> = secrets.iter().map(String::as_str).collect();
+    shown.assert_free_of(&secrets);
+    for line in logs_text().lines() {
+        for s in &secrets {
+            assert!(!line.contains(s), "a secret leaked into a log line: {line}");
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn url_passwords_with_reserved_characters_authenticate_and_never_show_on_2_9() {
+    url_credentials_with_reserved_characters(ServerVersion::V2_9).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn url_passwords_with_reserved_characters_authenticate_and_never_show_on_2_15() {
+    url_credentials_with_reserved_characters(ServerVersion::V2_15).await;
+}
