@@ -25,8 +25,8 @@ use crate::config::{Auth, SinkConfig, StreamPolicy};
 use crate::error::{EmitError, StartError};
 use crate::facts::{facts_from_info, new_stream_config};
 use crate::metrics as m;
-use crate::sink::{CloseReport, Receipt, Shared};
 use crate::server_url::{redacted_servers, ServerUrl, UrlCredentials};
+use crate::sink::{CloseReport, Receipt, Shared};
 use crate::subjects::Subjects;
 
 /// Queue admission held by an event until its outcome; dropping it makes room.
@@ -290,6 +290,15 @@ fn scrub(text: &str, config: &SinkConfig) -> String {
         Auth::NkeySeed(s) => vec![s.expose()],
         _ => vec![],
     };
+    let urls: Vec<ServerUrl> = config
+        .servers
+        .iter()
+        .filter_map(|s| ServerUrl::parse(s).ok())
+        .collect();
+    secrets.extend(urls.iter().flat_map(ServerUrl::secrets));
+    // Longest first, so a secret that contains another is not left half-replaced.
+    secrets.sort_by_key(|s| std::cmp::Reverse(s.len()));
+    let mut out = text.to_owned();
     for s in secrets.into_iter().filter(|s| !s.is_empty()) {
         out = out.replace(s, "***");
     }
@@ -343,15 +352,6 @@ async fn check_stream(
             } else {
                 return Err(api(text));
             }
-    let urls: Vec<ServerUrl> = config
-        .servers
-        .iter()
-        .filter_map(|s| ServerUrl::parse(s).ok())
-        .collect();
-    secrets.extend(urls.iter().flat_map(ServerUrl::secrets));
-    // Longest first, so a secret that contains another is not left half-replaced.
-    secrets.sort_by_key(|s| std::cmp::Reverse(s.len()));
-    let mut out = text.to_owned();
         }
     };
     let violations = verify(&facts, &requirements(config, subjects));
@@ -1017,6 +1017,7 @@ fn parse_reply_subject(subject: &str, inbox: &str) -> Option<(u64, u32)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::Secret;
 
     #[test]
     fn url_userinfo_becomes_credentials_of_the_first_url_that_has_some() {
@@ -1065,4 +1066,3 @@ mod tests {
         assert_eq!(parse_reply_subject("_INBOX.other.1.1", "_INBOX.ab"), None);
     }
 }
-    use crate::config::Secret;
