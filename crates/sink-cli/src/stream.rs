@@ -6,7 +6,7 @@ use anyhow::Context as _;
 use async_nats::jetstream;
 use clap::{Args, Subcommand};
 use sink_core::stream::{verify, StreamFacts, StreamRequirements, Violation};
-use sink_nats::{connect_client, facts_from_info, new_stream_config, stream_requirements};
+use sink_nats::{connect_client, new_stream_config, read_stream_facts, stream_requirements};
 
 use crate::config::Common;
 use crate::output::{duration, Table};
@@ -18,7 +18,8 @@ pub enum StreamCommand {
     /// then verify it; an existing stream is never changed
     Ensure(StreamArgs),
     /// Check the stream against the requirements (subjects, retention floor, duplicate window,
-    /// storage, acks, limits); exit 1 on any violation
+    /// storage, acks, limits, and settings that evict, rewrite or refuse events); exit 1 on any
+    /// violation
     Verify(StreamArgs),
 }
 
@@ -40,22 +41,9 @@ pub enum Lookup {
 
 /// Reads a stream's facts; `Missing` when the server says it does not exist.
 pub async fn lookup(js: &jetstream::Context, name: &str) -> anyhow::Result<Lookup> {
-    match js.get_stream(name).await {
-        Ok(mut stream) => {
-            let info = stream
-                .info()
-                .await
-                .with_context(|| format!("cannot read the info of stream {name}"))?;
-            Ok(Lookup::Found(facts_from_info(info.clone())))
-        }
-        Err(e) => {
-            let text = e.to_string();
-            if text.contains("not found") || text.contains("10059") {
-                Ok(Lookup::Missing)
-            } else {
-                Err(anyhow::anyhow!("cannot look up stream {name}: {text}"))
-            }
-        }
+    match read_stream_facts(js, name).await? {
+        Some(facts) => Ok(Lookup::Found(facts)),
+        None => Ok(Lookup::Missing),
     }
 }
 
@@ -74,20 +62,21 @@ pub async fn run(command: StreamCommand, common: &Common) -> anyhow::Result<Exit
         Lookup::Found(facts) => facts,
         Lookup::Missing if create => {
             let stream_config = new_stream_config(&config.stream, req.subject_filters.clone());
-            let mut created = js
-                .create_stream(stream_config)
+            js.create_stream(stream_config)
                 .await
                 .with_context(|| format!("cannot create stream {}", config.stream))?;
-            let info = created
-                .info()
-                .await
-                .with_context(|| format!("cannot read the info of new stream {}", config.stream))?;
             println!(
                 "created stream {} (subjects {})",
                 config.stream,
                 req.subject_filters.join(", ")
             );
-            facts_from_info(info.clone())
+            match lookup(&js, &config.stream).await? {
+                Lookup::Found(facts) => facts,
+                Lookup::Missing => anyhow::bail!(
+                    "stream {} was created, then not found: was it deleted at once?",
+                    config.stream
+                ),
+            }
         }
         Lookup::Missing => {
             println!(
@@ -217,6 +206,53 @@ pub fn facts_table(
         "-".to_owned(),
         "ok".to_owned(),
     ]);
+    t.row([
+        "max_msgs_per_subject".to_owned(),
+        limit(facts.max_msgs_per_subject),
+        "unlimited".to_owned(),
+        status("max_msgs_per_subject").to_owned(),
+    ]);
+    t.row([
+        "allow_rollup_hdrs".to_owned(),
+        facts.allow_rollup.to_string(),
+        "false".to_owned(),
+        status("allow_rollup_hdrs").to_owned(),
+    ]);
+    t.row([
+        "allow_msg_schedules".to_owned(),
+        facts.allow_msg_schedules.to_string(),
+        "false".to_owned(),
+        status("allow_msg_schedules").to_owned(),
+    ]);
+    t.row([
+        "subject_transform".to_owned(),
+        facts
+            .subject_transform
+            .as_ref()
+            .map_or("none".to_owned(), |t| {
+                format!("{} -> {}", t.source, t.destination)
+            }),
+        "none on our subjects".to_owned(),
+        status("subject_transform").to_owned(),
+    ]);
+    t.row([
+        "persist_mode".to_owned(),
+        facts.persist_mode.to_string(),
+        "default".to_owned(),
+        status("persist_mode").to_owned(),
+    ]);
+    t.row([
+        "allow_msg_counter".to_owned(),
+        facts.allow_msg_counter.to_string(),
+        "false".to_owned(),
+        status("allow_msg_counter").to_owned(),
+    ]);
+    t.row([
+        "mirror".to_owned(),
+        facts.mirror.clone().unwrap_or_else(|| "none".to_owned()),
+        "none".to_owned(),
+        status("mirror").to_owned(),
+    ]);
     t
 }
 
@@ -235,6 +271,24 @@ mod tests {
         let mut facts = StreamFacts::recommended("CELLOS_EVENTS", vec!["cellos.events.>".into()]);
         facts.max_age = Duration::from_secs(30 * 86_400);
         facts.storage = sink_core::stream::StorageKind::Memory;
+        let violations = verify(&facts, &req);
+        insta::assert_snapshot!(report(&facts, &req, &violations));
+    }
+
+    #[test]
+    fn lossy_settings_render_found_and_required() {
+        let req = StreamRequirements::for_subject_filter(
+            "cellos.events.*.v1",
+            Duration::from_millis(15_500),
+        );
+        let mut facts = StreamFacts::recommended("CELLOS_EVENTS", vec!["cellos.events.>".into()]);
+        facts.max_msgs_per_subject = 100;
+        facts.allow_rollup = true;
+        facts.subject_transform = Some(sink_core::stream::SubjectTransform {
+            source: "cellos.events.>".into(),
+            destination: "archive.>".into(),
+        });
+        facts.persist_mode = sink_core::stream::PersistMode::Async;
         let violations = verify(&facts, &req);
         insta::assert_snapshot!(report(&facts, &req, &violations));
     }

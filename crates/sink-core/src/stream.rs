@@ -2,8 +2,14 @@
 //!
 //! The adapter reads a stream's configuration into [`StreamFacts`]; [`verify`] compares it with
 //! [`StreamRequirements`] and lists every [`Violation`], each naming the stream, the field, the
-//! value found and the value required. Subject coverage follows NATS wildcard rules
+//! value found and the value required (or the fix). Subject coverage follows NATS wildcard rules
 //! ([`subject_covers`], [`subjects_cover`]).
+//!
+//! Besides retention, deduplication and durability, `verify` refuses every setting that lets the
+//! broker delete, rewrite or refuse our events behind the sink's back, or acknowledge them before
+//! storing them (per-subject limits, rollup headers, message schedules, subject transforms,
+//! asynchronous persistence, message counters, mirrors). [`Violation::blocks_delivery`] says which
+//! of them make publishing unsafe right now, for a driver that finds them at run time.
 
 use std::fmt;
 use std::time::Duration;
@@ -45,6 +51,34 @@ pub enum DiscardKind {
     Old,
     /// Reject new messages.
     New,
+}
+
+/// When a stream acknowledges a publish.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum PersistMode {
+    /// After the message is written to the store (the broker's default).
+    Default,
+    /// Before the message is written (server 2.12+ `persist_mode: async`): an acknowledged message
+    /// can be lost when the broker dies.
+    Async,
+}
+
+/// A transform the stream applies to the subject of every incoming message before storing it.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct SubjectTransform {
+    /// The subjects it applies to (`src`).
+    pub source: String,
+    /// What they become (`dest`).
+    pub destination: String,
+}
+
+impl fmt::Display for PersistMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            PersistMode::Default => "default",
+            PersistMode::Async => "async",
+        })
+    }
 }
 
 impl fmt::Display for StorageKind {
@@ -110,6 +144,26 @@ pub struct StreamFacts {
     pub deny_delete: bool,
     /// True when the stream cannot be purged.
     pub deny_purge: bool,
+    /// Maximum number of messages kept per subject; `<= 0` means unlimited.
+    pub max_msgs_per_subject: i64,
+    /// True when a subject at `max_msgs_per_subject` refuses new messages instead of deleting its
+    /// oldest.
+    pub discard_new_per_subject: bool,
+    /// True when a `Nats-Rollup` header may purge the stream or a subject (`allow_rollup_hdrs`).
+    pub allow_rollup: bool,
+    /// True when messages may schedule other messages (server 2.12+ `allow_msg_schedules`).
+    pub allow_msg_schedules: bool,
+    /// How long the delete markers left when a subject's last message expires are kept; zero when
+    /// the stream leaves none (server 2.11+ `subject_delete_marker_ttl`).
+    pub subject_delete_marker_ttl: Duration,
+    /// The subject transform applied before storing, if any.
+    pub subject_transform: Option<SubjectTransform>,
+    /// When publishes are acknowledged (server 2.12+ `persist_mode`).
+    pub persist_mode: PersistMode,
+    /// True when the stream is a counter stream (server 2.12+ `allow_msg_counter`).
+    pub allow_msg_counter: bool,
+    /// The origin stream when this stream is a mirror.
+    pub mirror: Option<String>,
 }
 
 impl StreamFacts {
@@ -118,7 +172,9 @@ impl StreamFacts {
     /// 1 replica, acks on, no count or size limits.
     ///
     /// Delete and purge stay allowed (the broker's default) so that operators keep their tools;
-    /// the floor is about what the broker removes by itself.
+    /// the floor is about what the broker removes by itself. Everything [`verify`] refuses is off:
+    /// no per-subject limit, no rollups, schedules, delete markers, transform, counters or mirror,
+    /// and acknowledgements after storing.
     pub fn recommended(name: &str, subjects: Vec<String>) -> StreamFacts {
         StreamFacts {
             name: name.to_owned(),
@@ -136,6 +192,15 @@ impl StreamFacts {
             max_msg_size: -1,
             deny_delete: false,
             deny_purge: false,
+            max_msgs_per_subject: -1,
+            discard_new_per_subject: false,
+            allow_rollup: false,
+            allow_msg_schedules: false,
+            subject_delete_marker_ttl: Duration::ZERO,
+            subject_transform: None,
+            persist_mode: PersistMode::Default,
+            allow_msg_counter: false,
+            mirror: None,
         }
     }
 }
@@ -262,6 +327,55 @@ pub enum Violation {
         /// The configured limit.
         limit: i64,
     },
+    /// A per-subject message limit: each subject (each tenant) keeps only its newest `limit`
+    /// events, or with `discard_new_per_subject` refuses every event past `limit`.
+    MaxMsgsPerSubject {
+        /// Stream name.
+        stream: String,
+        /// The configured limit.
+        limit: i64,
+        /// Whether a full subject refuses new events (rather than deleting its oldest).
+        discard_new_per_subject: bool,
+    },
+    /// Rollup headers are allowed: one message with `Nats-Rollup: all` (or `sub`) from any
+    /// publisher purges the whole stream (or that subject).
+    RollupAllowed {
+        /// Stream name.
+        stream: String,
+        /// Whether `subject_delete_marker_ttl` is set, which keeps rollups on.
+        delete_markers: bool,
+    },
+    /// Message schedules are allowed (2.12+): a scheduled message can target our subjects with
+    /// `Nats-Schedule-Rollup: sub` and purge a tenant's events; the server also keeps rollups on.
+    MessageSchedules {
+        /// Stream name.
+        stream: String,
+    },
+    /// A subject transform whose source matches subjects we publish: it rewrites their subject
+    /// before storing them.
+    SubjectTransform {
+        /// Stream name.
+        stream: String,
+        /// The transform.
+        transform: SubjectTransform,
+    },
+    /// `persist_mode: async` (2.12+): publishes are acknowledged before they are written.
+    AsyncPersist {
+        /// Stream name.
+        stream: String,
+    },
+    /// A counter stream (2.12+): it refuses every message without a `Nats-Incr` header.
+    MessageCounter {
+        /// Stream name.
+        stream: String,
+    },
+    /// The stream is a mirror: it stores only what it copies from its origin.
+    Mirror {
+        /// Stream name.
+        stream: String,
+        /// The origin stream.
+        origin: String,
+    },
 }
 
 impl Violation {
@@ -278,6 +392,43 @@ impl Violation {
             Violation::Replicas { .. } => "num_replicas",
             Violation::RetentionPolicy { .. } => "retention",
             Violation::LimitEvictsOld { field, .. } => field,
+            Violation::MaxMsgsPerSubject { .. } => "max_msgs_per_subject",
+            Violation::RollupAllowed { .. } => "allow_rollup_hdrs",
+            Violation::MessageSchedules { .. } => "allow_msg_schedules",
+            Violation::SubjectTransform { .. } => "subject_transform",
+            Violation::AsyncPersist { .. } => "persist_mode",
+            Violation::MessageCounter { .. } => "allow_msg_counter",
+            Violation::Mirror { .. } => "mirror",
+        }
+    }
+
+    /// Whether publishing into the stream now would lose events or lie about them: the event
+    /// would not be stored at all (subjects not captured, sealed, mirror, counter stream), not
+    /// be kept once acknowledged (interest or work-queue retention, memory storage where file is
+    /// required, acknowledgement before writing), or not be acknowledged (`no_ack`).
+    ///
+    /// A driver that finds such a violation at run time holds events queued until it is fixed.
+    /// The other violations (a short `max_age`, evicting limits, rollups, transforms, ...) put
+    /// events at risk later, not at the moment they are stored: the sink reports them and keeps
+    /// delivering.
+    pub fn blocks_delivery(&self) -> bool {
+        match self {
+            Violation::SubjectNotCaptured { .. }
+            | Violation::Storage { .. }
+            | Violation::Sealed { .. }
+            | Violation::AcksDisabled { .. }
+            | Violation::RetentionPolicy { .. }
+            | Violation::AsyncPersist { .. }
+            | Violation::MessageCounter { .. }
+            | Violation::Mirror { .. } => true,
+            Violation::RetentionBelowFloor { .. }
+            | Violation::DuplicateWindowTooShort { .. }
+            | Violation::Replicas { .. }
+            | Violation::LimitEvictsOld { .. }
+            | Violation::MaxMsgsPerSubject { .. }
+            | Violation::RollupAllowed { .. }
+            | Violation::MessageSchedules { .. }
+            | Violation::SubjectTransform { .. } => false,
         }
     }
 
@@ -292,7 +443,14 @@ impl Violation {
             | Violation::AcksDisabled { stream }
             | Violation::Replicas { stream, .. }
             | Violation::RetentionPolicy { stream, .. }
-            | Violation::LimitEvictsOld { stream, .. } => stream,
+            | Violation::LimitEvictsOld { stream, .. }
+            | Violation::MaxMsgsPerSubject { stream, .. }
+            | Violation::RollupAllowed { stream, .. }
+            | Violation::MessageSchedules { stream }
+            | Violation::SubjectTransform { stream, .. }
+            | Violation::AsyncPersist { stream }
+            | Violation::MessageCounter { stream }
+            | Violation::Mirror { stream, .. } => stream,
         }
     }
 }
@@ -374,13 +532,77 @@ impl fmt::Display for Violation {
                  deleted when it is reached, maybe before the retention floor: set {field} to -1 \
                  (unlimited) or discard to new"
             ),
+            Violation::MaxMsgsPerSubject {
+                stream,
+                limit,
+                discard_new_per_subject: false,
+            } => write!(
+                f,
+                "stream {stream} {field} is {limit}; each subject (each tenant) keeps only its \
+                 newest {limit} events and older ones are deleted, whatever the retention floor: \
+                 set {field} to -1 (unlimited)"
+            ),
+            Violation::MaxMsgsPerSubject {
+                stream,
+                limit,
+                discard_new_per_subject: true,
+            } => write!(
+                f,
+                "stream {stream} {field} is {limit} with discard_new_per_subject; a subject (a \
+                 tenant) holding {limit} events refuses every further event: set {field} to -1 \
+                 (unlimited) and discard_new_per_subject to false"
+            ),
+            Violation::RollupAllowed {
+                stream,
+                delete_markers,
+            } => write!(
+                f,
+                "stream {stream} {field} is true; one message with a Nats-Rollup header from any \
+                 publisher purges the whole stream or a subject, deleting our events: set {field} \
+                 to false{}",
+                if *delete_markers {
+                    " (and subject_delete_marker_ttl to 0 first: it keeps rollups on)"
+                } else {
+                    ""
+                }
+            ),
+            Violation::MessageSchedules { stream } => write!(
+                f,
+                "stream {stream} {field} is true; a scheduled message can target our subjects \
+                 with Nats-Schedule-Rollup and purge a tenant's events, and it keeps rollups on: \
+                 schedules cannot be turned off once on, so use a stream without {field}"
+            ),
+            Violation::SubjectTransform { stream, transform } => write!(
+                f,
+                "stream {stream} {field} maps {:?} to {:?}; events are stored under another \
+                 subject than the one they were sent to: remove the subject transform",
+                transform.source, transform.destination
+            ),
+            Violation::AsyncPersist { stream } => write!(
+                f,
+                "stream {stream} {field} is async; publishes are acknowledged before they are \
+                 written, so an acknowledged event can be lost when the server dies: {field} \
+                 cannot be changed, so use a stream with {field} default"
+            ),
+            Violation::MessageCounter { stream } => write!(
+                f,
+                "stream {stream} {field} is true; a counter stream refuses every message without \
+                 a Nats-Incr header: {field} cannot be changed, so use a stream without counters"
+            ),
+            Violation::Mirror { stream, origin } => write!(
+                f,
+                "stream {stream} {field} is {origin:?}; a mirror stores only what it copies from \
+                 its origin and accepts no publishes: use a stream that is not a mirror (e.g. its \
+                 origin {origin})"
+            ),
         }
     }
 }
 
 /// Checks `facts` against `req` and lists every violation (empty when the stream is fit), in a
 /// fixed order: subjects (one per uncaptured filter), max_age, retention, duplicate window,
-/// storage, sealed, acks, replicas, count/size limits.
+/// storage, sealed, acks, replicas, count/size limits, per-subject limit, rollups, schedules,
+/// subject transform, persist mode, counters, mirror.
 ///
 /// ```
 /// use std::time::Duration;
@@ -464,6 +686,46 @@ pub fn verify(facts: &StreamFacts, req: &StreamRequirements) -> Vec<Violation> {
             }
         }
     }
+    if facts.max_msgs_per_subject > 0 {
+        out.push(Violation::MaxMsgsPerSubject {
+            stream: stream(),
+            limit: facts.max_msgs_per_subject,
+            discard_new_per_subject: facts.discard_new_per_subject,
+        });
+    }
+    if facts.allow_rollup {
+        out.push(Violation::RollupAllowed {
+            stream: stream(),
+            delete_markers: !facts.subject_delete_marker_ttl.is_zero(),
+        });
+    }
+    if facts.allow_msg_schedules {
+        out.push(Violation::MessageSchedules { stream: stream() });
+    }
+    // A transform of other subjects leaves ours alone; an empty source means every subject.
+    if let Some(transform) = facts.subject_transform.as_ref().filter(|t| {
+        let source = if t.source.is_empty() { ">" } else { &t.source };
+        req.subject_filters
+            .iter()
+            .any(|filter| subjects_collide(source, filter))
+    }) {
+        out.push(Violation::SubjectTransform {
+            stream: stream(),
+            transform: transform.clone(),
+        });
+    }
+    if facts.persist_mode == PersistMode::Async {
+        out.push(Violation::AsyncPersist { stream: stream() });
+    }
+    if facts.allow_msg_counter {
+        out.push(Violation::MessageCounter { stream: stream() });
+    }
+    if let Some(origin) = &facts.mirror {
+        out.push(Violation::Mirror {
+            stream: stream(),
+            origin: origin.clone(),
+        });
+    }
     out
 }
 
@@ -530,6 +792,24 @@ pub fn subjects_cover<S: AsRef<str>>(stream_subjects: &[S], filter: &str) -> boo
         }
     }
     alive.iter().any(|p| p.len() == filter.len())
+}
+
+/// True iff some concrete subject matches both `a` and `b` (wildcards allowed); false when either
+/// is not a valid subject.
+pub fn subjects_collide(a: &str, b: &str) -> bool {
+    let (Some(a), Some(b)) = (tokens(a), tokens(b)) else {
+        return false;
+    };
+    for (x, y) in a.iter().zip(&b) {
+        // Both have a token here, and `>` matches one or more.
+        if *x == ">" || *y == ">" {
+            return true;
+        }
+        if *x != "*" && *y != "*" && x != y {
+            return false;
+        }
+    }
+    a.len() == b.len()
 }
 
 /// Whether the stream subjects alive at position `i` match every run of k >= 1 tokens (any
@@ -803,6 +1083,118 @@ mod tests {
                 },
                 vec![],
             ),
+            (
+                StreamFacts {
+                    max_msgs_per_subject: 1,
+                    ..ok.clone()
+                },
+                vec!["max_msgs_per_subject"],
+            ),
+            (
+                StreamFacts {
+                    max_msgs_per_subject: 10,
+                    discard: DiscardKind::New,
+                    discard_new_per_subject: true,
+                    ..ok.clone()
+                },
+                vec!["max_msgs_per_subject"],
+            ),
+            (
+                StreamFacts {
+                    max_msgs_per_subject: 0,
+                    ..ok.clone()
+                },
+                vec![],
+            ),
+            (
+                StreamFacts {
+                    allow_rollup: true,
+                    ..ok.clone()
+                },
+                vec!["allow_rollup_hdrs"],
+            ),
+            (
+                // The server turns rollups on with delete markers; the markers alone evict nothing.
+                StreamFacts {
+                    allow_rollup: true,
+                    subject_delete_marker_ttl: Duration::from_secs(60),
+                    ..ok.clone()
+                },
+                vec!["allow_rollup_hdrs"],
+            ),
+            (
+                StreamFacts {
+                    allow_msg_schedules: true,
+                    allow_rollup: true,
+                    ..ok.clone()
+                },
+                vec!["allow_rollup_hdrs", "allow_msg_schedules"],
+            ),
+            (
+                StreamFacts {
+                    subject_transform: Some(SubjectTransform {
+                        source: "cellos.events.>".to_owned(),
+                        destination: "archive.>".to_owned(),
+                    }),
+                    ..ok.clone()
+                },
+                vec!["subject_transform"],
+            ),
+            (
+                StreamFacts {
+                    subject_transform: Some(SubjectTransform {
+                        source: String::new(),
+                        destination: "x.>".to_owned(),
+                    }),
+                    ..ok.clone()
+                },
+                vec!["subject_transform"],
+            ),
+            (
+                StreamFacts {
+                    subject_transform: Some(SubjectTransform {
+                        source: "cellos.events.acme.v1".to_owned(),
+                        destination: "cellos.events.acme.v2".to_owned(),
+                    }),
+                    ..ok.clone()
+                },
+                vec!["subject_transform"],
+            ),
+            (
+                // Transforms of subjects the sink never produces leave its events alone.
+                StreamFacts {
+                    subjects: vec!["cellos.events.>".to_owned(), "legacy.>".to_owned()],
+                    subject_transform: Some(SubjectTransform {
+                        source: "legacy.>".to_owned(),
+                        destination: "cellos.events.legacy.>".to_owned(),
+                    }),
+                    ..ok.clone()
+                },
+                vec![],
+            ),
+            (
+                StreamFacts {
+                    persist_mode: PersistMode::Async,
+                    ..ok.clone()
+                },
+                vec!["persist_mode"],
+            ),
+            (
+                StreamFacts {
+                    allow_msg_counter: true,
+                    ..ok.clone()
+                },
+                vec!["allow_msg_counter"],
+            ),
+            (
+                // A mirror has no subjects of its own.
+                StreamFacts {
+                    subjects: vec![],
+                    mirror: Some("ORIGIN".to_owned()),
+                    ..ok.clone()
+                },
+                vec!["subjects", "mirror"],
+            ),
         ];
         for (facts, expected) in cases {
             let fields: Vec<&str> = verify(&facts, &req())
@@ -843,6 +1235,208 @@ mod tests {
         assert!(missing
             .iter()
             .all(|v| v.field() == "subjects" && v.stream() == "S"));
+    }
+
+    #[test]
+    fn lossy_settings_each_named_with_value_and_fix() {
+        let facts = StreamFacts {
+            max_msgs_per_subject: 5,
+            allow_rollup: true,
+            allow_msg_schedules: true,
+            subject_delete_marker_ttl: Duration::from_secs(60),
+            subject_transform: Some(SubjectTransform {
+                source: "cellos.events.*.v1".to_owned(),
+                destination: "cellos.archive.{{wildcard(1)}}".to_owned(),
+            }),
+            persist_mode: PersistMode::Async,
+            allow_msg_counter: true,
+            mirror: Some("ORIGIN".to_owned()),
+            ..StreamFacts::recommended("CELLOS_EVENTS", vec!["cellos.events.>".to_owned()])
+        };
+        let report: Vec<String> = verify(&facts, &req())
+            .iter()
+            .map(|v| format!("{}: {v}", v.field()))
+            .collect();
+        insta::assert_snapshot!(report.join("\n"), @r#"
+        max_msgs_per_subject: stream CELLOS_EVENTS max_msgs_per_subject is 5; each subject (each tenant) keeps only its newest 5 events and older ones are deleted, whatever the retention floor: set max_msgs_per_subject to -1 (unlimited)
+        allow_rollup_hdrs: stream CELLOS_EVENTS allow_rollup_hdrs is true; one message with a Nats-Rollup header from any publisher purges the whole stream or a subject, deleting our events: set allow_rollup_hdrs to false (and subject_delete_marker_ttl to 0 first: it keeps rollups on)
+        allow_msg_schedules: stream CELLOS_EVENTS allow_msg_schedules is true; a scheduled message can target our subjects with Nats-Schedule-Rollup and purge a tenant's events, and it keeps rollups on: schedules cannot be turned off once on, so use a stream without allow_msg_schedules
+        subject_transform: stream CELLOS_EVENTS subject_transform maps "cellos.events.*.v1" to "cellos.archive.{{wildcard(1)}}"; events are stored under another subject than the one they were sent to: remove the subject transform
+        persist_mode: stream CELLOS_EVENTS persist_mode is async; publishes are acknowledged before they are written, so an acknowledged event can be lost when the server dies: persist_mode cannot be changed, so use a stream with persist_mode default
+        allow_msg_counter: stream CELLOS_EVENTS allow_msg_counter is true; a counter stream refuses every message without a Nats-Incr header: allow_msg_counter cannot be changed, so use a stream without counters
+        mirror: stream CELLOS_EVENTS mirror is "ORIGIN"; a mirror stores only what it copies from its origin and accepts no publishes: use a stream that is not a mirror (e.g. its origin ORIGIN)
+        "#);
+        let refusing = StreamFacts {
+            max_msgs_per_subject: 5,
+            discard: DiscardKind::New,
+            discard_new_per_subject: true,
+            allow_rollup: true,
+            ..StreamFacts::recommended("CELLOS_EVENTS", vec!["cellos.events.>".to_owned()])
+        };
+        let report: Vec<String> = verify(&refusing, &req())
+            .iter()
+            .map(|v| format!("{}: {v}", v.field()))
+            .collect();
+        insta::assert_snapshot!(report.join("\n"), @r#"
+        max_msgs_per_subject: stream CELLOS_EVENTS max_msgs_per_subject is 5 with discard_new_per_subject; a subject (a tenant) holding 5 events refuses every further event: set max_msgs_per_subject to -1 (unlimited) and discard_new_per_subject to false
+        allow_rollup_hdrs: stream CELLOS_EVENTS allow_rollup_hdrs is true; one message with a Nats-Rollup header from any publisher purges the whole stream or a subject, deleting our events: set allow_rollup_hdrs to false
+        "#);
+    }
+
+    #[test]
+    fn which_violations_block_delivery() {
+        let ok = StreamFacts::recommended("S", vec!["cellos.events.>".to_owned()]);
+        let cases: Vec<(StreamFacts, bool)> = vec![
+            (
+                StreamFacts {
+                    subjects: vec!["other.>".to_owned()],
+                    ..ok.clone()
+                },
+                true,
+            ),
+            (
+                StreamFacts {
+                    storage: StorageKind::Memory,
+                    ..ok.clone()
+                },
+                true,
+            ),
+            (
+                StreamFacts {
+                    sealed: true,
+                    ..ok.clone()
+                },
+                true,
+            ),
+            (
+                StreamFacts {
+                    no_ack: true,
+                    ..ok.clone()
+                },
+                true,
+            ),
+            (
+                StreamFacts {
+                    retention: RetentionKind::Interest,
+                    ..ok.clone()
+                },
+                true,
+            ),
+            (
+                StreamFacts {
+                    retention: RetentionKind::WorkQueue,
+                    ..ok.clone()
+                },
+                true,
+            ),
+            (
+                StreamFacts {
+                    persist_mode: PersistMode::Async,
+                    ..ok.clone()
+                },
+                true,
+            ),
+            (
+                StreamFacts {
+                    allow_msg_counter: true,
+                    ..ok.clone()
+                },
+                true,
+            ),
+            (
+                StreamFacts {
+                    mirror: Some("O".to_owned()),
+                    ..ok.clone()
+                },
+                true,
+            ),
+            (
+                StreamFacts {
+                    max_age: DAY * 30,
+                    ..ok.clone()
+                },
+                false,
+            ),
+            (
+                StreamFacts {
+                    duplicate_window: Duration::ZERO,
+                    ..ok.clone()
+                },
+                false,
+            ),
+            (
+                StreamFacts {
+                    replicas: 0,
+                    ..ok.clone()
+                },
+                false,
+            ),
+            (
+                StreamFacts {
+                    max_msgs: 10,
+                    ..ok.clone()
+                },
+                false,
+            ),
+            (
+                StreamFacts {
+                    max_msgs_per_subject: 10,
+                    ..ok.clone()
+                },
+                false,
+            ),
+            (
+                StreamFacts {
+                    allow_rollup: true,
+                    ..ok.clone()
+                },
+                false,
+            ),
+            (
+                StreamFacts {
+                    allow_msg_schedules: true,
+                    ..ok.clone()
+                },
+                false,
+            ),
+            (
+                StreamFacts {
+                    subject_transform: Some(SubjectTransform {
+                        source: ">".to_owned(),
+                        destination: "x.>".to_owned(),
+                    }),
+                    ..ok.clone()
+                },
+                false,
+            ),
+        ];
+        for (facts, blocks) in cases {
+            let found = verify(&facts, &req());
+            assert_eq!(found.len(), 1, "{facts:?}: {found:?}");
+            assert_eq!(found[0].blocks_delivery(), blocks, "{}", found[0]);
+        }
+    }
+
+    #[test]
+    fn subjects_collide_table() {
+        let table = [
+            ("a.b", "a.b", true),
+            ("a.b", "a.c", false),
+            ("a.*", "a.b", true),
+            ("a.*", "*.b", true),
+            ("a.>", "a.b.c", true),
+            ("a.>", "a", false),
+            (">", "a", true),
+            ("a.*", "a.b.c", false),
+            ("a.*.c", "a.b.>", true),
+            ("x.>", "a.>", false),
+            ("", "a", false),
+            ("a..b", "a.*.b", false),
+        ];
+        for (a, b, expected) in table {
+            assert_eq!(subjects_collide(a, b), expected, "{a:?} collides {b:?}");
+            assert_eq!(subjects_collide(b, a), expected, "{b:?} collides {a:?}");
+        }
     }
 
     #[test]
@@ -960,6 +1554,19 @@ mod tests {
                 reference_covers(std::slice::from_ref(&stream), &filter),
                 "{} covers {}", stream, filter
             );
+        }
+
+        #[test]
+        fn subjects_collide_agrees_with_brute_force(
+            a in small_subject(),
+            b in small_subject(),
+        ) {
+            let ta: Vec<&str> = a.split('.').collect();
+            let tb: Vec<&str> = b.split('.').collect();
+            let reference = concrete_subjects()
+                .iter()
+                .any(|c| matches(&ta, c) && matches(&tb, c));
+            prop_assert_eq!(subjects_collide(&a, &b), reference, "{} collides {}", a, b);
         }
 
         #[test]

@@ -23,7 +23,7 @@ use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit};
 use crate::classify::{classify, Verdict};
 use crate::config::{Auth, SinkConfig, StreamPolicy};
 use crate::error::{EmitError, StartError};
-use crate::facts::{facts_from_info, new_stream_config};
+use crate::facts::{new_stream_config, read_stream_facts, StreamInfoError};
 use crate::metrics as m;
 use crate::server_url::{redacted_servers, ServerUrl, UrlCredentials};
 use crate::sink::{CloseReport, Receipt, Shared};
@@ -325,33 +325,23 @@ async fn check_stream(
         stream: config.stream.clone(),
         reason,
     };
-    let facts: StreamFacts = match js.get_stream(&config.stream).await {
-        Ok(mut stream) => {
-            let info = stream.info().await.map_err(|e| api(e.to_string()))?;
-            facts_from_info(info.clone())
+    let read = |e: StreamInfoError| start_error(e, servers);
+    let facts: StreamFacts = match read_stream_facts(&js, &config.stream).await.map_err(read)? {
+        Some(facts) => facts,
+        None if config.stream_policy != StreamPolicy::Create => {
+            return Err(StartError::StreamMissing {
+                stream: config.stream.clone(),
+            });
         }
-        Err(e) => {
-            let text = e.to_string();
-            if text.contains("not found") || text.contains("10059") {
-                if config.stream_policy != StreamPolicy::Create {
-                    return Err(StartError::StreamMissing {
-                        stream: config.stream.clone(),
-                    });
-                }
-                let created = js
-                    .create_stream(new_stream_config(&config.stream, vec![subjects.filter()]))
-                    .await
-                    .map_err(|e| api(format!("create failed: {e}")))?;
-                tracing::info!(stream = %config.stream, "created stream");
-                facts_from_info(created.cached_info().clone())
-            } else if text.contains("jetstream not enabled") || text.contains("no responders") {
-                return Err(StartError::JetStreamUnavailable {
-                    servers: servers.to_owned(),
-                    reason: text,
-                });
-            } else {
-                return Err(api(text));
-            }
+        None => {
+            js.create_stream(new_stream_config(&config.stream, vec![subjects.filter()]))
+                .await
+                .map_err(|e| api(format!("create failed: {e}")))?;
+            tracing::info!(stream = %config.stream, "created stream");
+            read_stream_facts(&js, &config.stream)
+                .await
+                .map_err(read)?
+                .ok_or_else(|| api("created, then not found: deleted at once?".to_owned()))?
         }
     };
     let violations = verify(&facts, &requirements(config, subjects));
@@ -362,6 +352,29 @@ async fn check_stream(
         });
     }
     Ok(facts.duplicate_window)
+}
+
+/// A failed stream read at start as a start error.
+fn start_error(e: StreamInfoError, servers: &str) -> StartError {
+    match e {
+        StreamInfoError::Unavailable { reason, .. } => StartError::JetStreamUnavailable {
+            servers: servers.to_owned(),
+            reason,
+        },
+        StreamInfoError::Api {
+            stream,
+            code,
+            description,
+        } => StartError::StreamApi {
+            stream,
+            reason: format!("JetStream error {code}: {description}"),
+        },
+        StreamInfoError::Request { stream, reason } => StartError::StreamApi { stream, reason },
+        StreamInfoError::Malformed { stream, reason } => StartError::StreamApi {
+            stream,
+            reason: format!("the info reply cannot be read: {reason}"),
+        },
+    }
 }
 
 pub(crate) fn outbox_config(config: &SinkConfig) -> OutboxConfig {

@@ -52,7 +52,7 @@ pub mod cellos;
 pub use classify::{classify, classify_api_error, parse_wrong_last_id, Verdict};
 pub use config::{Auth, OrderingKey, Secret, SinkConfig, StreamPolicy, Tls, WhenFull};
 pub use error::{EmitError, StartError};
-pub use facts::{facts_from_info, new_stream_config};
+pub use facts::{facts_from_json, new_stream_config, read_stream_facts, StreamInfoError};
 pub use server_url::{redact_url, ServerUrl, UrlError};
 pub use sink::{
     BreakerStatus, CloseReport, EventSink, Health, JetStreamSink, Pending, Receipt, SinkBuilder,

@@ -1,5 +1,6 @@
-//! F10 on real servers: stream drift is refused with every violation named, the retention floor's
-//! edges are accepted, and the Create policy never mutates an existing stream.
+//! F10 and F26 on real servers: stream drift and settings that evict, rewrite or refuse events are
+//! refused with every violation named, the retention floor's edges are accepted, and the Create
+//! policy creates a clean stream and never mutates an existing one.
 
 mod common;
 
@@ -7,7 +8,7 @@ use std::time::Duration;
 
 use async_nats::jetstream::stream::{Config, StorageType};
 use common::*;
-use sink_nats::{new_stream_config, StartError, StreamPolicy};
+use sink_nats::{new_stream_config, read_stream_facts, StartError, StreamPolicy};
 use sink_testkit::{NatsServer, ServerVersion};
 
 const DAY: Duration = Duration::from_secs(24 * 3600);
@@ -238,4 +239,218 @@ async fn a_stream_replacing_ours_on_the_same_subjects_stores_nothing_on_2_9() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stream_replacing_ours_on_the_same_subjects_stores_nothing_on_2_15() {
     impostor_stream_stores_nothing(ServerVersion::V2_15).await;
+}
+
+/// Creates `STREAM` from raw JSON: async-nats 0.51 (as this workspace builds it) has no fields for
+/// the settings of 2.10+ servers, which is the reason the sink reads raw JSON too.
+async fn create_raw(js: &async_nats::jetstream::Context, config: serde_json::Value) {
+    let mut config = config;
+    config["name"] = STREAM.into();
+    let reply: serde_json::Value = js
+        .request(format!("STREAM.CREATE.{STREAM}"), &config)
+        .await
+        .expect("create request");
+    assert!(reply.get("error").is_none(), "create {config}: {reply}");
+}
+
+/// One stream setting that can evict, rewrite or refuse our events, what Verify must name
+/// (every field, in order) and what its message must contain.
+struct Lossy {
+    config: serde_json::Value,
+    fields: &'static [&'static str],
+    needles: &'static [&'static str],
+}
+
+/// A clean stream for `t.events.*.v1` (90 days, 2 min dedup, file) with `extra` merged in.
+fn clean_with(extra: serde_json::Value) -> serde_json::Value {
+    let mut config = serde_json::json!({
+        "subjects": ["t.events.*.v1"],
+        "retention": "limits",
+        "storage": "file",
+        "max_age": (DAY * 90).as_nanos() as u64,
+        "duplicate_window": 120_000_000_000u64,
+        "num_replicas": 1,
+    });
+    for (k, v) in extra.as_object().expect("object") {
+        config[k] = v.clone();
+    }
+    config
+}
+
+/// What both supported servers know.
+fn lossy_everywhere() -> Vec<Lossy> {
+    use serde_json::json;
+    vec![
+        Lossy {
+            config: clean_with(json!({ "max_msgs_per_subject": 10 })),
+            fields: &["max_msgs_per_subject"],
+            needles: &[
+                "max_msgs_per_subject is 10",
+                "older ones are deleted",
+                "set max_msgs_per_subject to -1",
+            ],
+        },
+        Lossy {
+            config: clean_with(json!({
+                "max_msgs_per_subject": 10,
+                "discard": "new",
+                "discard_new_per_subject": true,
+            })),
+            fields: &["max_msgs_per_subject"],
+            needles: &[
+                "max_msgs_per_subject is 10 with discard_new_per_subject",
+                "refuses every further event",
+                "discard_new_per_subject to false",
+            ],
+        },
+        Lossy {
+            config: clean_with(json!({ "allow_rollup_hdrs": true })),
+            fields: &["allow_rollup_hdrs"],
+            needles: &[
+                "allow_rollup_hdrs is true",
+                "Nats-Rollup",
+                "set allow_rollup_hdrs to false",
+            ],
+        },
+        Lossy {
+            // A mirror has no subjects and no duplicate window of its own.
+            config: json!({ "mirror": { "name": "ORIGIN" }, "storage": "file", "num_replicas": 1 }),
+            fields: &["subjects", "duplicate_window", "mirror"],
+            needles: &[
+                "mirror is \"ORIGIN\"",
+                "accepts no publishes",
+                "not a mirror",
+            ],
+        },
+    ]
+}
+
+/// What only 2.10+ (transforms), 2.11+ (delete markers) and 2.12+ (persist mode, counters,
+/// schedules) servers know.
+fn lossy_on_2_15() -> Vec<Lossy> {
+    use serde_json::json;
+    vec![
+        Lossy {
+            config: clean_with(json!({
+                "subject_transform": { "src": "t.events.*.v1", "dest": "t.archive.{{wildcard(1)}}" },
+            })),
+            fields: &["subject_transform"],
+            needles: &[
+                "subject_transform maps \"t.events.*.v1\" to \"t.archive.{{wildcard(1)}}\"",
+                "remove the subject transform",
+            ],
+        },
+        Lossy {
+            config: clean_with(json!({ "persist_mode": "async" })),
+            fields: &["persist_mode"],
+            needles: &[
+                "persist_mode is async",
+                "acknowledged before they are written",
+                "persist_mode default",
+            ],
+        },
+        Lossy {
+            config: clean_with(json!({ "allow_msg_counter": true })),
+            fields: &["allow_msg_counter"],
+            needles: &["allow_msg_counter is true", "Nats-Incr", "without counters"],
+        },
+        Lossy {
+            // The server turns rollups on for schedules.
+            config: clean_with(json!({ "allow_msg_schedules": true })),
+            fields: &["allow_rollup_hdrs", "allow_msg_schedules"],
+            needles: &["allow_msg_schedules is true", "Nats-Schedule-Rollup"],
+        },
+        Lossy {
+            // The server turns rollups on for delete markers; the markers evict nothing.
+            config: clean_with(json!({ "subject_delete_marker_ttl": 60_000_000_000u64 })),
+            fields: &["allow_rollup_hdrs"],
+            needles: &["subject_delete_marker_ttl to 0 first"],
+        },
+    ]
+}
+
+/// F26: each lossy setting on a pre-created stream is refused at start, named with its value and
+/// the fix, and the stream is left as it was.
+async fn lossy_settings_are_refused(version: ServerVersion, cases: Vec<Lossy>) {
+    let server = server(version).await;
+    let js = jetstream(&server).await;
+    js.create_stream(new_stream_config("ORIGIN", vec!["origin.>".into()]))
+        .await
+        .expect("origin for the mirror");
+    for case in cases {
+        create_raw(&js, case.config.clone()).await;
+        let before = read_stream_facts(&js, STREAM).await.expect("read");
+        for policy in [StreamPolicy::Verify, StreamPolicy::Create] {
+            let err = builder(&server.url())
+                .stream_policy(policy)
+                .connect()
+                .await
+                .expect_err("a lossy stream is refused");
+            let StartError::StreamViolations { violations, .. } = &err else {
+                panic!("{}: expected StreamViolations, got {err:?}", case.config);
+            };
+            let fields: Vec<&str> = violations.iter().map(|v| v.field()).collect();
+            assert_eq!(fields, case.fields, "{} {policy:?}: {err}", case.config);
+            let text = err.to_string();
+            for needle in case.needles {
+                assert!(text.contains(needle), "missing {needle:?} in:\n{text}");
+            }
+            println!("F26 {version} {policy:?}:\n{text}");
+        }
+        assert_eq!(
+            read_stream_facts(&js, STREAM).await.expect("read"),
+            before,
+            "never mutated"
+        );
+        js.delete_stream(STREAM).await.expect("delete");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn verify_refuses_per_subject_limits_rollups_and_mirrors_naming_value_and_fix_on_2_9() {
+    lossy_settings_are_refused(ServerVersion::V2_9, lossy_everywhere()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn verify_refuses_per_subject_limits_rollups_and_mirrors_naming_value_and_fix_on_2_15() {
+    lossy_settings_are_refused(ServerVersion::V2_15, lossy_everywhere()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn verify_refuses_transforms_async_persist_counters_and_schedules_on_2_15() {
+    lossy_settings_are_refused(ServerVersion::V2_15, lossy_on_2_15()).await;
+}
+
+/// The Create policy makes a stream with none of the refused settings, as the server reports it.
+async fn created_stream_is_clean(version: ServerVersion) {
+    let server = server(version).await;
+    let sink = builder(&server.url())
+        .stream_policy(StreamPolicy::Create)
+        .connect()
+        .await
+        .expect("creates the stream");
+    let js = jetstream(&server).await;
+    let facts = read_stream_facts(&js, STREAM)
+        .await
+        .expect("read")
+        .expect("created");
+    assert_eq!(
+        facts,
+        sink_nats::sink_core::stream::StreamFacts::recommended(
+            STREAM,
+            vec!["t.events.*.v1".into()]
+        )
+    );
+    let close = sink.close(Duration::from_secs(5)).await;
+    assert!(close.complete(), "{close:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn create_makes_a_stream_without_any_refused_setting_on_2_9() {
+    created_stream_is_clean(ServerVersion::V2_9).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn create_makes_a_stream_without_any_refused_setting_on_2_15() {
+    created_stream_is_clean(ServerVersion::V2_15).await;
 }
