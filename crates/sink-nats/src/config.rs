@@ -137,6 +137,11 @@ pub struct SinkConfig {
     pub stream_policy: StreamPolicy,
     /// The retention floor the stream must meet (`max_age` 0 or at least this).
     pub retention_floor: Duration,
+    /// How often the running sink re-reads and re-verifies its stream (default 60 s), on top of
+    /// every reconnect. `Duration::ZERO` (or a duration too large for the clock, such as
+    /// `Duration::MAX`) turns the periodic check off; reconnects still re-verify. Not used with
+    /// [`StreamPolicy::Off`].
+    pub reverify_interval: Duration,
     /// Ordering mechanism.
     pub ordering: OrderingMode,
     /// Ordering key.
@@ -184,6 +189,7 @@ impl fmt::Debug for SinkConfig {
             .field("stream", &self.stream)
             .field("stream_policy", &self.stream_policy)
             .field("retention_floor", &self.retention_floor)
+            .field("reverify_interval", &self.reverify_interval)
             .field("ordering", &self.ordering)
             .field("ordering_key", &self.ordering_key)
             .field("window", &self.window)
@@ -215,6 +221,7 @@ impl Default for SinkConfig {
             stream: "CELLOS_EVENTS".into(),
             stream_policy: StreamPolicy::Verify,
             retention_floor: Duration::from_secs(90 * 24 * 3600),
+            reverify_interval: Duration::from_secs(60),
             ordering: OrderingMode::Chained,
             ordering_key: OrderingKey::Sink,
             window: 1024,

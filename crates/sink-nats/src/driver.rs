@@ -17,8 +17,8 @@ use async_nats::{ConnectOptions, HeaderMap};
 use futures::StreamExt;
 use sink_core::breaker::{BreakerEvent, BreakerState};
 use sink_core::outbox::{Ack, Message, OrderingMode, Outbox, OutboxConfig, Output};
-use sink_core::stream::{verify, StreamFacts, StreamRequirements};
-use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit};
+use sink_core::stream::{verify, StreamFacts, StreamRequirements, Violation};
+use tokio::sync::{mpsc, oneshot, Notify, OwnedSemaphorePermit};
 
 use crate::classify::{classify, Verdict};
 use crate::config::{Auth, SinkConfig, StreamPolicy};
@@ -27,6 +27,7 @@ use crate::facts::{new_stream_config, read_stream_facts, StreamInfoError};
 use crate::metrics as m;
 use crate::server_url::{redacted_servers, ServerUrl, UrlCredentials};
 use crate::sink::{CloseReport, Receipt, Shared};
+use crate::stream_watch::{watch_stream, StreamCheck};
 use crate::subjects::Subjects;
 
 /// Queue admission held by an event until its outcome; dropping it makes room.
@@ -485,6 +486,14 @@ struct Driver {
     stream_checked: bool,
     /// When to (re)try the deferred stream check.
     stream_check_at: Option<Instant>,
+    /// What the running stream's last re-verification found wrong. While one of these blocks
+    /// delivery nothing is transmitted: events stay queued, outcomes of what is in flight are
+    /// still reported.
+    stream_violations: Vec<Violation>,
+    /// Re-verifications from the stream watcher (`None` with `StreamPolicy::Off`).
+    stream_checks: Option<mpsc::Receiver<StreamCheck>>,
+    /// Wakes the stream watcher (on reconnect).
+    stream_recheck: Arc<Notify>,
 }
 
 /// How long the driver waits before repeating a deferred stream check that failed.
@@ -500,6 +509,20 @@ pub(crate) fn spawn(
     let outbox = Outbox::new(outbox_config(&config)).expect("validated in start");
     let reserve = config.max_events.min(sink_core::outbox::RESERVE_LIMIT);
     let inbox = started.client.new_inbox();
+    let stream_recheck = Arc::new(Notify::new());
+    let stream_checks = (config.stream_policy != StreamPolicy::Off).then(|| {
+        let (tx, rx) = mpsc::channel(4);
+        m::stream_violations(&config.stream, 0);
+        tokio::spawn(watch_stream(
+            started.client.clone(),
+            config.stream.clone(),
+            requirements(&config, &subjects),
+            config.reverify_interval,
+            stream_recheck.clone(),
+            tx,
+        ));
+        rx
+    });
     let driver = Driver {
         config,
         client: started.client,
@@ -518,6 +541,9 @@ pub(crate) fn spawn(
         subjects,
         stream_checked: started.stream_checked,
         stream_check_at: (!started.stream_checked).then(Instant::now),
+        stream_violations: Vec::new(),
+        stream_checks,
+        stream_recheck,
     };
     tokio::spawn(driver.run(commands, started.events));
 }
@@ -546,14 +572,22 @@ impl Driver {
         };
         let mut closing: Option<(Instant, oneshot::Sender<CloseReport>)> = None;
         let mut commands_open = true;
+        let mut stream_checks = self.stream_checks.take();
         loop {
             if self.stream_check_at.is_some_and(|t| Instant::now() >= t) {
                 self.deferred_stream_check().await;
             }
             let now = Instant::now();
-            // Until the stream policy has been applied nothing goes out: events stay queued.
-            while self.stream_checked {
-                let Some(out) = self.outbox.poll_output(now) else {
+            // Until the stream policy has been applied, and while the running stream has a
+            // violation that blocks delivery, nothing goes out: events stay queued, and what was
+            // in flight still gets its outcome.
+            loop {
+                let out = if self.stream_checked && !self.stream_held() {
+                    self.outbox.poll_output(now)
+                } else {
+                    self.outbox.poll_event()
+                };
+                let Some(out) = out else {
                     break;
                 };
                 self.apply(out, now).await;
@@ -614,6 +648,10 @@ impl Driver {
                 ev = events.recv() => {
                     if let Some(ev) = ev { self.on_event(ev) }
                 }
+                check = recv_some(&mut stream_checks) => match check {
+                    Some(check) => self.on_stream_check(check),
+                    None => stream_checks = None,
+                },
                 _ = sleep_until(timeout) => {
                     let now = Instant::now();
                     self.outbox.handle_timeout(now);
@@ -789,6 +827,9 @@ impl Driver {
             Output::Rejected { seq, rejection } => {
                 self.rejected += 1;
                 m::rejected();
+                // A refusal may mean the stream was just edited (sealed, a per-subject limit):
+                // re-verify now rather than at the next interval.
+                self.stream_recheck.notify_one();
                 if let Some(w) = self.waiters.remove(seq) {
                     tracing::warn!(parent: &w.span, ce.id = %w.event_id, %rejection, "rejected by the broker");
                     let _ = w.reply.send(Err(EmitError::Rejected {
@@ -880,6 +921,9 @@ impl Driver {
                 self.outbox.handle_reconnected(Instant::now());
                 if !self.stream_checked {
                     self.stream_check_at = Some(Instant::now());
+                } else {
+                    // The stream may have been edited while we were away.
+                    self.stream_recheck.notify_one();
                 }
             }
             async_nats::Event::LameDuckMode => {
@@ -910,6 +954,76 @@ impl Driver {
                 self.shared.set_error(text);
                 self.stream_check_at = Some(Instant::now() + STREAM_RECHECK);
             }
+        }
+    }
+
+    /// Whether a violation of the running stream makes publishing unsafe now.
+    fn stream_held(&self) -> bool {
+        self.stream_violations
+            .iter()
+            .any(Violation::blocks_delivery)
+    }
+
+    /// Takes in a re-verification of the running stream: reports what changed (ERROR per new
+    /// violation, with field, value found and fix), and holds or releases delivery.
+    fn on_stream_check(&mut self, check: StreamCheck) {
+        if !self.stream_checked {
+            return; // the start policy is still being applied: its check decides
+        }
+        let stream = &self.config.stream;
+        let violations = match check {
+            StreamCheck::Verified(violations) => violations,
+            StreamCheck::Unreadable(e) => {
+                tracing::debug!(%stream, error = %e, "stream re-verification could not read the stream");
+                return;
+            }
+            // Publishing reports that (no stream captures the subject) and, under Create,
+            // re-creates it; holding would keep both from happening.
+            StreamCheck::Missing => {
+                if !self.stream_violations.is_empty() {
+                    tracing::warn!(%stream, "stream is gone; its earlier violations no longer apply");
+                }
+                Vec::new()
+            }
+        };
+        if violations == self.stream_violations {
+            return;
+        }
+        let was_held = self.stream_held();
+        for v in violations
+            .iter()
+            .filter(|v| !self.stream_violations.contains(v))
+        {
+            tracing::error!(
+                %stream,
+                field = v.field(),
+                blocks_delivery = v.blocks_delivery(),
+                "stream changed while the sink runs: {v}"
+            );
+        }
+        self.stream_violations = violations;
+        let held = self.stream_held();
+        if held {
+            let why: Vec<String> = self
+                .stream_violations
+                .iter()
+                .filter(|v| v.blocks_delivery())
+                .map(ToString::to_string)
+                .collect();
+            let text = format!("{}; events stay queued until it is fixed", why.join("; "));
+            if !was_held {
+                tracing::error!(%stream, "delivery held: {text}");
+            }
+            self.shared.set_error(text);
+        } else if was_held {
+            tracing::warn!(%stream, "delivery resumes: the stream no longer blocks it");
+        }
+        if self.stream_violations.is_empty() {
+            tracing::info!(%stream, "stream meets every requirement again");
+        }
+        m::stream_violations(stream, self.stream_violations.len());
+        if let Ok(mut g) = self.shared.stream_violations.lock() {
+            g.clone_from(&self.stream_violations);
         }
     }
 
@@ -1011,6 +1125,14 @@ fn receipt(ack: Ack, msg_id: sink_core::event::MsgId) -> Receipt {
         sequence: ack.sequence,
         duplicate: ack.duplicate,
         msg_id,
+    }
+}
+
+/// The next message of `rx`, or never when there is none.
+async fn recv_some<T>(rx: &mut Option<mpsc::Receiver<T>>) -> Option<T> {
+    match rx {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
     }
 }
 

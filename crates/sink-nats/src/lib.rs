@@ -43,6 +43,7 @@ mod facts;
 mod metrics;
 mod server_url;
 mod sink;
+mod stream_watch;
 mod subjects;
 
 /// The seed's `cellos_core::ports::EventSink`, implemented for [`JetStreamSink`].

@@ -11,6 +11,7 @@ use sink_core::backoff::{Backoff, RetrySchedule};
 use sink_core::encoding::{self, Encoding};
 use sink_core::event::{CloudEvent, MsgId};
 use sink_core::outbox::{BreakerOpenPolicy, Message, OrderingMode};
+use sink_core::stream::Violation;
 use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
 use tracing::Instrument as _;
 
@@ -66,6 +67,15 @@ pub struct Health {
     /// Publishes allowed in flight now: the configured window, or less while the sink backs off
     /// from broker overload (429).
     pub window: usize,
+    /// What the last re-verification of the running stream found wrong (empty while it meets
+    /// every requirement): an operator edited the stream after the sink started. Each violation
+    /// names the field, the value found and the fix; it is also logged at ERROR when it appears
+    /// and counted by the `jetsink_stream_violations{stream}` gauge. While one of them
+    /// [blocks delivery](sink_core::stream::Violation::blocks_delivery) (the stream became sealed,
+    /// a mirror, interest retention, ...) nothing is published and events stay queued; the others
+    /// (a shorter `max_age`, a per-subject limit, rollups, ...) are reported and delivery goes on.
+    /// Re-verified on every reconnect and every [`SinkConfig::reverify_interval`].
+    pub stream_violations: Vec<Violation>,
 }
 
 /// What `close` could not deliver.
@@ -95,6 +105,7 @@ pub(crate) struct Shared {
     pub retried_beyond_window: AtomicU64,
     pub window: AtomicUsize,
     pub last_error: Mutex<Option<String>>,
+    pub stream_violations: Mutex<Vec<Violation>>,
     pub server_version: String,
 }
 
@@ -232,6 +243,11 @@ impl JetStreamSink {
             },
             retried_beyond_window: s.retried_beyond_window.load(Ordering::Relaxed),
             window: s.window.load(Ordering::Relaxed),
+            stream_violations: s
+                .stream_violations
+                .lock()
+                .map(|g| g.clone())
+                .unwrap_or_default(),
         }
     }
 
@@ -448,6 +464,13 @@ impl SinkBuilder {
         self.config.retention_floor = floor;
         self
     }
+    /// How often the running sink re-verifies its stream (default 60 s); it also does on every
+    /// reconnect. `Duration::ZERO` or `Duration::MAX` turns the periodic check off. See
+    /// [`Health::stream_violations`] for what a drift does.
+    pub fn reverify_interval(mut self, interval: Duration) -> Self {
+        self.config.reverify_interval = interval;
+        self
+    }
     /// Ordering mode (default chained).
     pub fn ordering(mut self, mode: OrderingMode) -> Self {
         self.config.ordering = mode;
@@ -538,6 +561,7 @@ impl SinkBuilder {
             retried_beyond_window: AtomicU64::new(0),
             window: AtomicUsize::new(config.window),
             last_error: Mutex::new(None),
+            stream_violations: Mutex::new(Vec::new()),
             server_version: started.server_version.clone(),
         });
         let (tx, rx) = mpsc::unbounded_channel();

@@ -441,6 +441,7 @@ async fn created_stream_is_clean(version: ServerVersion) {
             vec!["t.events.*.v1".into()]
         )
     );
+    assert!(sink.health().stream_violations.is_empty());
     let close = sink.close(Duration::from_secs(5)).await;
     assert!(close.complete(), "{close:?}");
 }
