@@ -34,7 +34,7 @@ pub struct StreamArgs {
 /// What a stream lookup found.
 pub enum Lookup {
     /// The stream exists.
-    Found(StreamFacts),
+    Found(Box<StreamFacts>),
     /// No stream by that name.
     Missing,
 }
@@ -42,7 +42,7 @@ pub enum Lookup {
 /// Reads a stream's facts; `Missing` when the server says it does not exist.
 pub async fn lookup(js: &jetstream::Context, name: &str) -> anyhow::Result<Lookup> {
     match read_stream_facts(js, name).await? {
-        Some(facts) => Ok(Lookup::Found(facts)),
+        Some(facts) => Ok(Lookup::Found(Box::new(facts))),
         None => Ok(Lookup::Missing),
     }
 }
@@ -59,7 +59,7 @@ pub async fn run(command: StreamCommand, common: &Common) -> anyhow::Result<Exit
     let client = connect_client(&config).await?;
     let js = jetstream::new(client);
     let facts = match lookup(&js, &config.stream).await? {
-        Lookup::Found(facts) => facts,
+        Lookup::Found(facts) => *facts,
         Lookup::Missing if create => {
             let stream_config = new_stream_config(&config.stream, req.subject_filters.clone());
             js.create_stream(stream_config)
@@ -71,7 +71,7 @@ pub async fn run(command: StreamCommand, common: &Common) -> anyhow::Result<Exit
                 req.subject_filters.join(", ")
             );
             match lookup(&js, &config.stream).await? {
-                Lookup::Found(facts) => facts,
+                Lookup::Found(facts) => *facts,
                 Lookup::Missing => anyhow::bail!(
                     "stream {} was created, then not found: was it deleted at once?",
                     config.stream
