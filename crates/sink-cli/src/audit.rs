@@ -10,7 +10,6 @@ use anyhow::Context as _;
 use async_nats::jetstream;
 use clap::{Args, ValueEnum};
 use sink_core::event::{CloudEvent, MsgId};
-use sink_core::subject::{SubjectConfig, SubjectTemplate, TokenRule};
 use sink_nats::connect_client;
 use sink_testkit::audit::{analyze, compare_with, CompareOptions, Expected, StoredMessage};
 
@@ -184,11 +183,9 @@ fn read_expected(
 ) -> anyhow::Result<ExpectedEvents> {
     let text = std::fs::read_to_string(path)
         .with_context(|| format!("cannot read --expect file {}", path.display()))?;
-    let subjects = SubjectConfig::new(SubjectTemplate::parse(&config.subject_template)?)
-        .with_token_rule(TokenRule {
-            max_len: config.max_token_len,
-            ..TokenRule::default()
-        })?;
+    // The sink's own subject rules (token rule, default or required tenant), so the audit
+    // expects exactly the events the sink accepted.
+    let subjects = sink_nats::subject_config(config)?;
     let mut out = ExpectedEvents {
         events: Vec::new(),
         skipped: 0,

@@ -8,6 +8,7 @@
 //! url = "nats://127.0.0.1:4222"          # one URL or a comma-separated list
 //! stream = "CELLOS_EVENTS"
 //! subject_template = "cellos.events.{tenantId}.v1"
+//! require_tenant = false                 # true: refuse events without data.tenantId
 //! creds = "/etc/jetsink/svc.creds"
 //! token = "..."                          # or user + password, or nkey_seed_file
 //! user = "svc"
@@ -55,6 +56,9 @@ pub struct Common {
         hide_env_values = true
     )]
     pub subject_template: Option<String>,
+    /// Refuse events without a tenant (data.tenantId) instead of sending them to the default tenant `single`
+    #[arg(long, global = true)]
+    pub require_tenant: bool,
     /// Credentials file (JWT + nkey seed)
     #[arg(long, global = true, value_name = "FILE")]
     pub creds: Option<PathBuf>,
@@ -103,6 +107,7 @@ struct FileSettings {
     url: Option<String>,
     stream: Option<String>,
     subject_template: Option<String>,
+    require_tenant: Option<bool>,
     creds: Option<PathBuf>,
     token: Option<String>,
     user: Option<String>,
@@ -123,6 +128,8 @@ pub struct Resolved {
     pub stream: String,
     /// Subject template.
     pub subject_template: String,
+    /// Refuse events without a tenant.
+    pub require_tenant: bool,
     /// Authentication.
     pub auth: Auth,
     /// TLS.
@@ -241,6 +248,7 @@ impl Common {
             url,
             stream,
             subject_template,
+            require_tenant: self.require_tenant || file.require_tenant.unwrap_or(false),
             auth,
             tls: Tls {
                 required,
@@ -258,6 +266,7 @@ impl Common {
             servers: r.url.split(',').map(|s| s.trim().to_owned()).collect(),
             stream: r.stream,
             subject_template: r.subject_template,
+            require_tenant: r.require_tenant,
             auth: r.auth,
             tls: r.tls,
             ..SinkConfig::default()
@@ -322,6 +331,29 @@ mod tests {
         assert_eq!(r.url, "nats://file-host:4333");
         assert_eq!(r.stream, "FROM_FLAG");
         assert_eq!(r.subject_template, "a.{tenantId}");
+    }
+
+    #[test]
+    fn require_tenant_comes_from_the_flag_or_the_file() {
+        assert!(
+            !Common::default()
+                .sink_config()
+                .expect("resolves")
+                .require_tenant
+        );
+        let flag = Common {
+            require_tenant: true,
+            ..Common::default()
+        };
+        assert!(flag.sink_config().expect("resolves").require_tenant);
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("jetsink.toml");
+        std::fs::write(&path, "require_tenant = true\n").expect("write");
+        let file = Common {
+            config: Some(path),
+            ..Common::default()
+        };
+        assert!(file.sink_config().expect("resolves").require_tenant);
     }
 
     #[test]

@@ -201,6 +201,67 @@ async fn malformed_line_is_reported_and_the_others_are_delivered() {
     assert_eq!(row_value(&text, "globex").as_deref(), Some("2"), "{text}");
 }
 
+/// As the seed, an event without a tenant goes to `single`; `--require-tenant` refuses that one
+/// line, naming `data.tenantId`, and delivers the others.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_event_without_a_tenant_goes_to_single_unless_require_tenant() {
+    let server = server().await;
+    let url = server.url();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let untenanted = r#"{"specversion":"1.0","id":"e-2","source":"/cli-test","type":"com.example.test","data":{"cell":"c1"}}"#;
+    let write = |name: &str, id: &str| {
+        let path = dir.path().join(name);
+        let lines = [
+            event_line(&format!("{id}-1"), "acme"),
+            untenanted.replace("e-2", &format!("{id}-2")),
+            event_line(&format!("{id}-3"), "globex"),
+        ];
+        std::fs::write(&path, lines.join("\n") + "\n").expect("write events");
+        path.to_str().expect("utf-8 path").to_owned()
+    };
+    let lenient = write("lenient.ndjson", "l");
+    let strict = write("strict.ndjson", "s");
+
+    let out = jetsink(&[
+        "--url",
+        &url,
+        "publish",
+        "--stream-policy",
+        "create",
+        &lenient,
+    ]);
+    assert_eq!(code(&out), 0, "{}", show(&out));
+    assert_eq!(
+        row_value(&stdout(&out), "delivered").as_deref(),
+        Some("3"),
+        "{}",
+        show(&out)
+    );
+
+    let out = jetsink(&["--url", &url, "--require-tenant", "publish", &strict]);
+    assert_eq!(code(&out), 1, "{}", show(&out));
+    let err = stderr(&out);
+    assert!(err.contains("strict.ndjson:2: subject:"), "{err}");
+    assert!(err.contains("data.tenantId"), "{err}");
+    let text = stdout(&out);
+    assert_eq!(
+        row_value(&text, "delivered").as_deref(),
+        Some("2"),
+        "{text}"
+    );
+    assert_eq!(row_value(&text, "rejected").as_deref(), Some("1"), "{text}");
+
+    let out = jetsink(&["--url", &url, "audit", "--key", "subject"]);
+    assert_eq!(code(&out), 0, "{}", show(&out));
+    let text = stdout(&out);
+    assert_eq!(row_value(&text, "messages").as_deref(), Some("5"), "{text}");
+    assert_eq!(
+        row_value(&text, "cellos.events.single.v1").as_deref(),
+        Some("1"),
+        "{text}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn strict_stops_at_the_first_bad_line() {
     let server = server().await;

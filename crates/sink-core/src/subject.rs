@@ -6,7 +6,7 @@
 //!
 //! | placeholder  | value                                                                        |
 //! |--------------|------------------------------------------------------------------------------|
-//! | `{tenantId}` | [`CloudEvent::tenant_id`] (`data.tenantId`, else the `tenantid` extension), else the configured default tenant |
+//! | `{tenantId}` | [`CloudEvent::tenant_id`] (`data.tenantId`, else the `tenantid` extension), else the default tenant ([`DEFAULT_TENANT`], `single`, unless configured otherwise or [`MissingTenant::Refuse`]) |
 //! | `{subject}`  | the CloudEvent `subject` attribute                                           |
 //! | `{type}`     | the CloudEvent `type` attribute (usually dotted, so only for dot-free types)  |
 //!
@@ -14,9 +14,14 @@
 //! `^[A-Za-z0-9_-]{1,64}$`); values are checked, never rewritten, so `evil.other-tenant` is an
 //! error for that one event instead of a publish to someone else's subject.
 //!
+//! An event without a tenant goes to the default tenant `single`, as with the seed
+//! (`cellos-sink-jetstream`'s `TENANT_ID_DEFAULT_TOKEN`), so a service switching over sees no new
+//! errors; [`MissingTenant::Refuse`] makes such an event fail alone with
+//! [`SubjectError::MissingTenant`] instead.
+//!
 //! ```
 //! use sink_core::event::CloudEvent;
-//! use sink_core::subject::{SubjectConfig, SubjectError, SubjectTemplate};
+//! use sink_core::subject::{MissingTenant, SubjectConfig, SubjectError, SubjectTemplate};
 //!
 //! let config = SubjectConfig::new(SubjectTemplate::parse("cellos.events.{tenantId}.v1")?);
 //! assert_eq!(config.filter(), "cellos.events.*.v1");
@@ -24,6 +29,11 @@
 //! assert_eq!(config.render(&acme)?, "cellos.events.acme.v1");
 //! let evil = CloudEvent::new("2", "/s", "t").with_extension("tenantid", "evil.other-tenant");
 //! assert!(matches!(config.render(&evil), Err(SubjectError::InvalidToken { .. })));
+//!
+//! let untenanted = CloudEvent::new("3", "/s", "t");
+//! assert_eq!(config.render(&untenanted)?, "cellos.events.single.v1");
+//! let strict = config.with_missing_tenant(MissingTenant::Refuse)?;
+//! assert_eq!(strict.render(&untenanted), Err(SubjectError::MissingTenant));
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
@@ -40,6 +50,25 @@ pub const DEFAULT_MAX_SUBJECT_LEN: usize = 255;
 
 /// Longest template text accepted by [`SubjectTemplate::parse`], in bytes.
 pub const MAX_TEMPLATE_LEN: usize = 255;
+
+/// The token `{tenantId}` becomes for an event without a tenant, unless configured otherwise: the
+/// seed's `TENANT_ID_DEFAULT_TOKEN`.
+pub const DEFAULT_TENANT: &str = "single";
+
+/// What `{tenantId}` becomes for an event that carries no tenant.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MissingTenant {
+    /// This token (by default [`DEFAULT_TENANT`]); it must be valid under the token rule.
+    Default(String),
+    /// The event fails alone with [`SubjectError::MissingTenant`].
+    Refuse,
+}
+
+impl Default for MissingTenant {
+    fn default() -> Self {
+        MissingTenant::Default(DEFAULT_TENANT.to_owned())
+    }
+}
 
 /// A value a template can substitute.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -210,8 +239,9 @@ pub enum TokenFault {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
 pub enum SubjectError {
-    /// The template uses `{tenantId}`, the event carries no tenant and no default is configured.
-    #[error("event has no tenant (no string data.tenantId, no tenantid extension) and no default tenant is configured; set one of them")]
+    /// The template uses `{tenantId}`, the event carries no tenant and the configuration requires
+    /// one ([`MissingTenant::Refuse`]).
+    #[error("event has no tenant (no string data.tenantId, no tenantid extension) and the sink requires one; set data.tenantId on the event, or turn require_tenant off to send it to the default tenant")]
     MissingTenant,
     /// The template uses `{subject}` but the event has no `subject` attribute.
     #[error("template uses {placeholder} but the event has no such attribute; set it on the event or change the template")]
@@ -456,17 +486,18 @@ impl TokenRule {
 pub struct SubjectConfig {
     template: SubjectTemplate,
     token_rule: TokenRule,
-    default_tenant: Option<String>,
+    missing_tenant: MissingTenant,
     max_subject_len: usize,
 }
 
 impl SubjectConfig {
-    /// A configuration with the default token rule, no default tenant and a 255-byte subject limit.
+    /// A configuration with the default token rule, the default tenant `single` and a 255-byte
+    /// subject limit.
     pub fn new(template: SubjectTemplate) -> SubjectConfig {
         SubjectConfig {
             template,
             token_rule: TokenRule::default(),
-            default_tenant: None,
+            missing_tenant: MissingTenant::default(),
             max_subject_len: DEFAULT_MAX_SUBJECT_LEN,
         }
     }
@@ -479,10 +510,18 @@ impl SubjectConfig {
 
     /// Sets the tenant used for events that carry none; it must be a valid token.
     pub fn with_default_tenant(
-        mut self,
+        self,
         tenant: impl Into<String>,
     ) -> Result<SubjectConfig, TemplateError> {
-        self.default_tenant = Some(tenant.into());
+        self.with_missing_tenant(MissingTenant::Default(tenant.into()))
+    }
+
+    /// Sets what happens to events without a tenant; a default tenant must be a valid token.
+    pub fn with_missing_tenant(
+        mut self,
+        policy: MissingTenant,
+    ) -> Result<SubjectConfig, TemplateError> {
+        self.missing_tenant = policy;
         self.checked()
     }
 
@@ -494,7 +533,7 @@ impl SubjectConfig {
 
     fn checked(self) -> Result<SubjectConfig, TemplateError> {
         self.token_rule.check_rule()?;
-        if let Some(tenant) = &self.default_tenant {
+        if let MissingTenant::Default(tenant) = &self.missing_tenant {
             self.token_rule.check(tenant).map_err(|reason| {
                 TemplateError::InvalidDefaultTenant {
                     value_preview: preview(tenant),
@@ -522,9 +561,17 @@ impl SubjectConfig {
         &self.token_rule
     }
 
-    /// The default tenant, if any.
+    /// The default tenant; `None` when a tenant is required.
     pub fn default_tenant(&self) -> Option<&str> {
-        self.default_tenant.as_deref()
+        match &self.missing_tenant {
+            MissingTenant::Default(tenant) => Some(tenant),
+            MissingTenant::Refuse => None,
+        }
+    }
+
+    /// What happens to events without a tenant.
+    pub fn missing_tenant(&self) -> &MissingTenant {
+        &self.missing_tenant
     }
 
     /// The longest rendered subject, in bytes.
@@ -575,7 +622,7 @@ impl SubjectConfig {
         let value = match placeholder {
             Placeholder::TenantId => event
                 .tenant_id()
-                .or(self.default_tenant.as_deref())
+                .or(self.default_tenant())
                 .ok_or(SubjectError::MissingTenant)?,
             Placeholder::Subject => event
                 .subject
@@ -741,7 +788,7 @@ mod tests {
             ),
             (
                 CloudEvent::new("1", "/s", "t"),
-                Err(SubjectError::MissingTenant),
+                Ok("cellos.events.single.v1".into()),
             ),
             (
                 tenant_event("evil.other-tenant"),
@@ -821,6 +868,89 @@ mod tests {
     }
 
     #[test]
+    fn events_without_a_tenant_table() {
+        let untenanted = CloudEvent::new("1", "/s", "t");
+        // Not a string: no tenant, as the seed read it.
+        let numeric = CloudEvent::new("1", "/s", "t").with_data_json(json!({"tenantId": 7}));
+        let null = CloudEvent::new("1", "/s", "t").with_data_json(json!({"tenantId": null}));
+        let shared = MissingTenant::Default("shared".into());
+        let invalid_dot = Err(SubjectError::InvalidToken {
+            placeholder: Placeholder::TenantId,
+            value_preview: "a.b".into(),
+            reason: TokenFault::ForbiddenChar {
+                ch: '.',
+                position: 1,
+            },
+        });
+        let invalid_empty = Err(SubjectError::InvalidToken {
+            placeholder: Placeholder::TenantId,
+            value_preview: "".into(),
+            reason: TokenFault::Empty,
+        });
+        let cases: Vec<(MissingTenant, CloudEvent, Result<&str, SubjectError>)> = vec![
+            (
+                MissingTenant::default(),
+                untenanted.clone(),
+                Ok("e.single.v1"),
+            ),
+            (MissingTenant::default(), numeric.clone(), Ok("e.single.v1")),
+            (MissingTenant::default(), null.clone(), Ok("e.single.v1")),
+            (
+                MissingTenant::default(),
+                tenant_event("acme"),
+                Ok("e.acme.v1"),
+            ),
+            (
+                MissingTenant::default(),
+                tenant_event("a.b"),
+                invalid_dot.clone(),
+            ),
+            (
+                MissingTenant::default(),
+                tenant_event(""),
+                invalid_empty.clone(),
+            ),
+            (shared.clone(), untenanted.clone(), Ok("e.shared.v1")),
+            (shared, tenant_event("acme"), Ok("e.acme.v1")),
+            (
+                MissingTenant::Refuse,
+                untenanted.clone(),
+                Err(SubjectError::MissingTenant),
+            ),
+            (
+                MissingTenant::Refuse,
+                numeric.clone(),
+                Err(SubjectError::MissingTenant),
+            ),
+            (
+                MissingTenant::Refuse,
+                null.clone(),
+                Err(SubjectError::MissingTenant),
+            ),
+            (MissingTenant::Refuse, tenant_event("acme"), Ok("e.acme.v1")),
+            (MissingTenant::Refuse, tenant_event("a.b"), invalid_dot),
+            (MissingTenant::Refuse, tenant_event(""), invalid_empty),
+        ];
+        for (policy, event, expected) in cases {
+            let cfg = config("e.{tenantId}.v1")
+                .with_missing_tenant(policy.clone())
+                .unwrap();
+            assert_eq!(
+                cfg.render(&event).as_deref().map_err(Clone::clone),
+                expected,
+                "{policy:?} {event:?}"
+            );
+        }
+        // A template without {tenantId} needs no tenant, required or not.
+        let no_tenant = config("e.{type}")
+            .with_missing_tenant(MissingTenant::Refuse)
+            .unwrap();
+        assert_eq!(no_tenant.render(&untenanted).as_deref(), Ok("e.t"));
+        assert_eq!(config("e").default_tenant(), Some(DEFAULT_TENANT));
+        assert_eq!(no_tenant.default_tenant(), None);
+    }
+
+    #[test]
     fn other_placeholders_and_limits() {
         let cfg = config("{type}.{subject}");
         let event = CloudEvent::new("1", "/s", "created").with_subject("order-7");
@@ -894,6 +1024,20 @@ mod tests {
                 },
             })
         );
+        // Only a default tenant is checked against the rule; refusing needs no token.
+        let tight = || TokenRule {
+            max_len: 2,
+            extra_allowed: vec![],
+        };
+        assert!(matches!(
+            base().with_token_rule(tight()),
+            Err(TemplateError::InvalidDefaultTenant { .. })
+        ));
+        assert!(base()
+            .with_missing_tenant(MissingTenant::Refuse)
+            .unwrap()
+            .with_token_rule(tight())
+            .is_ok());
         // A later rule change re-checks the default tenant.
         let tight = TokenRule {
             max_len: 2,

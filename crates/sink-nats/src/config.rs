@@ -127,8 +127,12 @@ pub struct SinkConfig {
     pub name: String,
     /// Subject template, e.g. `cellos.events.{tenantId}.v1`.
     pub subject_template: String,
-    /// Token used for `{tenantId}` when an event carries none (`None`: such events are rejected).
-    pub default_tenant: Option<String>,
+    /// Token used for `{tenantId}` when an event carries none (default `single`, the seed's
+    /// `TENANT_ID_DEFAULT_TOKEN`). Not used when `require_tenant` is set.
+    pub default_tenant: String,
+    /// Refuse events without a tenant ([`sink_core::subject::SubjectError::MissingTenant`], that
+    /// event alone) instead of sending them to `default_tenant` (default off, as the seed).
+    pub require_tenant: bool,
     /// Longest accepted placeholder value (bytes).
     pub max_token_len: usize,
     /// Stream name.
@@ -185,6 +189,7 @@ impl fmt::Debug for SinkConfig {
             .field("name", &self.name)
             .field("subject_template", &self.subject_template)
             .field("default_tenant", &self.default_tenant)
+            .field("require_tenant", &self.require_tenant)
             .field("max_token_len", &self.max_token_len)
             .field("stream", &self.stream)
             .field("stream_policy", &self.stream_policy)
@@ -216,7 +221,8 @@ impl Default for SinkConfig {
             servers: vec!["nats://127.0.0.1:4222".into()],
             name: "jetsink".into(),
             subject_template: "cellos.events.{tenantId}.v1".into(),
-            default_tenant: None,
+            default_tenant: sink_core::subject::DEFAULT_TENANT.into(),
+            require_tenant: false,
             max_token_len: 64,
             stream: "CELLOS_EVENTS".into(),
             stream_policy: StreamPolicy::Verify,

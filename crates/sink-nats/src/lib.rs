@@ -79,6 +79,15 @@ pub fn stream_requirements(
     Ok(driver::requirements(config, &subjects))
 }
 
+/// The subject rules a sink with this config applies (template, token rule, default or
+/// required tenant), for tools that must render subjects exactly as the sink does (the CLI's
+/// `audit`).
+pub fn subject_config(
+    config: &SinkConfig,
+) -> Result<sink_core::subject::SubjectConfig, StartError> {
+    Ok(subjects::Subjects::new(config)?.into_config())
+}
+
 /// The README's examples, compiled and run as doctests.
 #[cfg(doctest)]
 #[doc = include_str!("../../../README.md")]

@@ -444,9 +444,43 @@ impl SinkBuilder {
         self.config.subject_template = template.into();
         self
     }
-    /// Token for `{tenantId}` when an event has none.
+    /// Token for `{tenantId}` when an event has none (default `single`, as the seed
+    /// `cellos-sink-jetstream`). It must be a valid token (`connect` fails naming it otherwise).
+    /// An event whose tenant is present but invalid still fails alone; it never falls back here.
     pub fn default_tenant(mut self, tenant: impl Into<String>) -> Self {
-        self.config.default_tenant = Some(tenant.into());
+        self.config.default_tenant = tenant.into();
+        self
+    }
+    /// Refuse events without a tenant instead of sending them to the default tenant (default
+    /// off). Such an event fails alone with [`EmitError::Subject`] carrying
+    /// [`sink_core::subject::SubjectError::MissingTenant`]; the events after it are delivered.
+    ///
+    /// ```no_run
+    /// use sink_nats::{EmitError, JetStreamSink};
+    /// use sink_nats::sink_core::event::CloudEvent;
+    /// use sink_nats::sink_core::subject::SubjectError;
+    ///
+    /// # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+    /// let untenanted = CloudEvent::new("evt-1", "/svc/billing", "com.example.invoice.paid");
+    ///
+    /// // As the seed: no tenant means the default token, `single`.
+    /// let sink = JetStreamSink::builder("nats://127.0.0.1:4222").connect().await?;
+    /// sink.emit(&untenanted).await?; // stored under cellos.events.single.v1
+    ///
+    /// // Strict: that event fails alone, naming the missing field.
+    /// let strict = JetStreamSink::builder("nats://127.0.0.1:4222")
+    ///     .require_tenant(true)
+    ///     .connect()
+    ///     .await?;
+    /// let refused = strict.emit(&untenanted).await;
+    /// assert!(matches!(
+    ///     refused,
+    ///     Err(EmitError::Subject { error: SubjectError::MissingTenant, .. })
+    /// ));
+    /// # Ok(()) }
+    /// ```
+    pub fn require_tenant(mut self, required: bool) -> Self {
+        self.config.require_tenant = required;
         self
     }
     /// Stream name (default `CELLOS_EVENTS`).

@@ -51,3 +51,28 @@ async fn seed_trait_emits_are_stored_once_each() {
         .expect_err("specversion 0.3 is refused");
     assert!(err.to_string().contains("specversion"), "{err}");
 }
+
+/// cellos-core omits `tenantId` from the data of an event without a tenant; the seed published
+/// such events under its default token `single`, and so does jetsink: no new error on switching.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn seed_events_without_a_tenant_go_to_single_as_with_the_seed() {
+    let server = server(ServerVersion::V2_9).await;
+    let sink = builder(&server.url()).connect().await.expect("connect");
+    let dyn_sink: &dyn cellos_core::ports::EventSink = &sink;
+    let untenanted = CloudEventV1 {
+        data: Some(serde_json::json!({ "cell": 1 })),
+        ..seed_event(1)
+    };
+    dyn_sink
+        .emit(&untenanted)
+        .await
+        .expect("an event without a tenant is Ok, as with the seed");
+    dyn_sink.emit(&seed_event(2)).await.expect("stored");
+    let client = async_nats::connect(server.url()).await.expect("connect");
+    let js = async_nats::jetstream::new(client);
+    let stored = sink_testkit::read_stream(&js, STREAM, std::time::Duration::from_secs(10))
+        .await
+        .expect("read back");
+    let subjects: Vec<&str> = stored.iter().map(|m| m.subject.as_str()).collect();
+    assert_eq!(subjects, ["t.events.single.v1", "t.events.acme.v1"]);
+}
