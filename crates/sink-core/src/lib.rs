@@ -67,6 +67,7 @@
 
 pub mod backoff;
 pub mod breaker;
+pub mod capability;
 pub mod encoding;
 pub mod event;
 pub mod outbox;

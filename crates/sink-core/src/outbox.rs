@@ -1155,8 +1155,24 @@ impl Outbox {
         }
         // Our predecessor is stored and the stream's last message is someone else's.
         self.broker_answered(now);
+        self.use_per_key_serial(format!(
+            "stream's last message id is {:?}, not this sink's; another writer shares the stream",
+            actual.unwrap_or_default()
+        ));
+    }
+
+    /// Switches a chained outbox to per-key-serial for good, announcing it with `reason`
+    /// ([`Output::OrderingFallback`]); other modes are left alone. Nothing fails: publishes in
+    /// flight are re-sent the new way (their chained answers become stale). The adapter calls it
+    /// when the stream makes chaining unsafe (see [`crate::capability::chaining_hazard`]); the
+    /// outbox itself when another writer shows up.
+    pub fn use_per_key_serial(&mut self, reason: String) {
+        if self.ordering != OrderingMode::Chained {
+            return;
+        }
         self.ordering = OrderingMode::PerKeySerial;
         self.hold_behind = None;
+        self.reanchor = None;
         let first_unacked = self
             .entries
             .iter()
@@ -1173,10 +1189,7 @@ impl Outbox {
         self.drop_stale_timers();
         self.outputs.push_back(Output::OrderingFallback {
             to: OrderingMode::PerKeySerial,
-            reason: format!(
-                "stream's last message id is {:?}, not this sink's; another writer shares the stream",
-                actual.unwrap_or_default()
-            ),
+            reason,
         });
     }
 

@@ -156,6 +156,41 @@ impl Cluster {
         })
     }
 
+    /// SIGKILLs every node (a whole-cluster crash) and waits for them to exit.
+    pub async fn kill_all(&mut self) -> Result<(), HarnessError> {
+        for node in &mut self.nodes {
+            node.kill().await?;
+        }
+        Ok(())
+    }
+
+    /// Restarts every node on its ports and store (a process a node already runs is killed first)
+    /// and waits until JetStream answers through each of them, i.e. a meta leader is elected.
+    /// Nodes come up one after another without waiting for JetStream in between: alone, the first
+    /// one has no quorum.
+    pub async fn restart_all(&mut self) -> Result<(), HarnessError> {
+        for node in &mut self.nodes {
+            node.restart().await?;
+        }
+        let deadline = Instant::now() + CLUSTER_READY_TIMEOUT;
+        for (i, node) in self.nodes.iter().enumerate() {
+            loop {
+                let reason = match account_info(node).await {
+                    Ok(()) => break,
+                    Err(e) => e,
+                };
+                if Instant::now() >= deadline {
+                    return Err(HarnessError::JetStream {
+                        action: format!("reach JetStream through n{} after a full restart", i + 1),
+                        reason,
+                    });
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+        Ok(())
+    }
+
     /// Index of the node that leads `stream` now, from stream info's `cluster.leader`.
     pub async fn stream_leader(&self, stream: &str) -> Result<usize, HarnessError> {
         let client = self.connect().await?;
