@@ -10,8 +10,10 @@ use anyhow::Context as _;
 use async_nats::jetstream;
 use clap::{Args, ValueEnum};
 use sink_core::event::{CloudEvent, MsgId};
+use sink_nats::audit::{
+    analyze, compare_with, read_stream, CompareOptions, Expected, StoredMessage,
+};
 use sink_nats::connect_client;
-use sink_testkit::audit::{analyze, compare_with, CompareOptions, Expected, StoredMessage};
 
 use crate::config::Common;
 use crate::output::{thousands, Table};
@@ -58,9 +60,7 @@ pub async fn run(args: AuditArgs, common: &Common) -> anyhow::Result<ExitCode> {
     };
     let client = connect_client(&config).await?;
     let js = jetstream::new(client);
-    let stored =
-        sink_testkit::audit::read_stream(&js, &config.stream, Duration::from_secs(args.timeout))
-            .await?;
+    let stored = read_stream(&js, &config.stream, Duration::from_secs(args.timeout)).await?;
 
     let summary = analyze(&stored, |m| stored_key(m, args.key));
     let mut problems = 0usize;

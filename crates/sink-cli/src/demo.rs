@@ -7,13 +7,12 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use futures::stream::{FuturesUnordered, StreamExt};
+use sink_nats::audit::{compare, read_stream, Expected};
 use sink_nats::sink_core::event::{CloudEvent, MsgId};
 use sink_nats::{
     EmitError, JetStreamSink, OrderingKey, Pending, Receipt, SinkBuilder, StreamPolicy,
 };
-use sink_testkit::{
-    compare, read_stream, Expected, FaultProxy, NatsServer, ProxyMode, ServerOptions, ServerVersion,
-};
+use sink_testkit::{FaultProxy, NatsServer, ProxyMode, ServerOptions, ServerVersion};
 use tokio::sync::{mpsc, oneshot};
 
 /// Stream the demo writes to.

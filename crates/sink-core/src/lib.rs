@@ -1,5 +1,5 @@
 //! Sans-IO core of jetsink: CloudEvent model and wire encodings, subject templates, backoff, breaker,
-//! the ordered delivery (outbox) machine and stream-requirement checks.
+//! the ordered delivery (outbox) machine, stream-requirement checks and the stream audit's verdicts.
 //!
 //! No async, no clock, no sockets, no files: time comes in as `now: Instant` (last argument), wall
 //! time as explicit unix milliseconds, randomness as a seed. Any broker adapter drives the machines
@@ -65,6 +65,7 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
+pub mod audit;
 pub mod backoff;
 pub mod breaker;
 pub mod capability;

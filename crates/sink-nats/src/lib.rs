@@ -35,6 +35,8 @@
 //!
 //! Ordering modes, their guarantees and limits are described in [`sink_core::outbox`].
 
+/// Read a stream back and compare it with what a sink reported (`jetsink audit`, `jetsink demo`).
+pub mod audit;
 mod classify;
 mod config;
 mod driver;

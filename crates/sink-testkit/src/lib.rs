@@ -1,10 +1,13 @@
 //! Test kit for jetsink: virtual time, a scripted sans-IO broker, proptest strategies, and (IO half)
-//! a real nats-server harness, a loopback fault proxy and a stream audit.
+//! a real nats-server harness and a loopback fault proxy. Only ever a dev-dependency, or behind
+//! sink-cli's `lab` feature (`jetsink demo`, `jetsink bench`).
 
 pub mod proxy;
 pub use proxy::{Direction, FaultProxy, ProxyMode, ProxyStats};
-pub mod audit;
-pub use audit::{
+/// The stream audit is product code (`sink_nats::audit`, its verdicts in `sink_core::audit`);
+/// re-exported under the paths the tests have always used.
+pub use sink_nats::audit;
+pub use sink_nats::audit::{
     analyze, compare, compare_with, read_stream, AuditError, AuditReport, CompareOptions, Expected,
     OrderViolation, StoredMessage, StreamSummary,
 };

@@ -1,208 +1,14 @@
-//! Stream audit: literal tables for the pure `compare`/`analyze`, then reading real streams back
-//! from nats-server 2.9 and 2.15 and catching planted gaps, duplicates and reorderings.
+//! Stream audit through the test kit's paths: reading real streams back from nats-server 2.9 and
+//! 2.15 and catching planted gaps, duplicates and reorderings. The pure `compare`/`analyze` tables
+//! live next to the code in `sink_core::audit`.
 
 use std::time::Duration;
 
 use async_nats::jetstream::{self, stream};
 use async_nats::HeaderMap;
 use bytes::Bytes;
-use sink_testkit::audit::{
-    analyze, compare, compare_with, read_stream, AuditError, CompareOptions, Expected,
-    OrderViolation, StoredMessage,
-};
+use sink_testkit::audit::{analyze, compare, read_stream, AuditError, Expected, OrderViolation};
 use sink_testkit::{NatsServer, ServerOptions, ServerVersion};
-
-fn msg(seq: u64, id: Option<&str>) -> StoredMessage {
-    StoredMessage {
-        stream_sequence: seq,
-        subject: "ev.a".to_owned(),
-        msg_id: id.map(str::to_owned),
-        payload: Bytes::from(format!("payload {seq}")),
-        headers: id
-            .map(|id| vec![("Nats-Msg-Id".to_owned(), id.to_owned())])
-            .unwrap_or_default(),
-    }
-}
-
-fn exp(id: &str, key: &str, reported: Option<u64>) -> Expected {
-    Expected {
-        msg_id: id.to_owned(),
-        key: key.to_owned(),
-        reported_sequence: reported,
-    }
-}
-
-/// Five events on keys k1/k2, all delivered at 1..=5 as reported.
-fn five() -> (Vec<Expected>, Vec<StoredMessage>) {
-    let keys = ["k1", "k2", "k1", "k2", "k1"];
-    let expected = (1..=5)
-        .map(|i| exp(&format!("m{i}"), keys[i - 1], Some(i as u64)))
-        .collect();
-    let stored = (1..=5)
-        .map(|i| msg(i as u64, Some(&format!("m{i}"))))
-        .collect();
-    (expected, stored)
-}
-
-#[test]
-fn compare_all_good_passes() {
-    let (expected, stored) = five();
-    let report = compare(&expected, &stored);
-    assert!(report.passed(), "{report}");
-    report.assert_passed();
-    assert_eq!(report.expected, 5);
-    assert_eq!(report.stored, 5);
-    assert_eq!(report.delivered_reported, 5);
-    assert!(report.to_string().starts_with("audit PASSED"));
-}
-
-#[test]
-fn compare_finds_a_gap_reported_delivered_but_missing() {
-    let (expected, mut stored) = five();
-    stored.remove(2); // m3 never stored
-    let report = compare(&expected, &stored);
-    assert!(!report.passed());
-    assert_eq!(report.missing, vec!["m3".to_owned()]);
-    assert!(report.duplicates.is_empty());
-    assert!(report.out_of_order.is_empty());
-    assert!(report.sequence_mismatch.is_empty());
-    let text = report.to_string();
-    assert!(text.starts_with("audit FAILED"), "{text}");
-    assert!(
-        text.contains("I1 missing (reported delivered, not stored): 1\n    - m3"),
-        "{text}"
-    );
-}
-
-#[test]
-fn compare_finds_a_duplicate() {
-    let (expected, mut stored) = five();
-    stored.push(msg(6, Some("m2")));
-    let report = compare(&expected, &stored);
-    assert!(!report.passed());
-    assert_eq!(report.duplicates, vec![("m2".to_owned(), vec![2, 6])]);
-    assert!(report.missing.is_empty());
-    assert!(report.sequence_mismatch.is_empty());
-    assert!(report.unexpected.is_empty());
-}
-
-#[test]
-fn compare_finds_reordering_within_a_key_only() {
-    // Sent m1..m5; stored m1 m4 m3 m2 m5 (k1: m1 m3 m5 keep order; k2: m4 stored before m2).
-    let (expected, _) = five();
-    let stored_ids = ["m1", "m4", "m3", "m2", "m5"];
-    let stored: Vec<StoredMessage> = stored_ids
-        .iter()
-        .enumerate()
-        .map(|(i, id)| msg(i as u64 + 1, Some(id)))
-        .collect();
-    let expected: Vec<Expected> = expected
-        .into_iter()
-        .map(|mut e| {
-            e.reported_sequence = stored
-                .iter()
-                .find(|m| m.msg_id.as_deref() == Some(&e.msg_id))
-                .map(|m| m.stream_sequence);
-            e
-        })
-        .collect();
-    let report = compare(&expected, &stored);
-    assert_eq!(
-        report.out_of_order,
-        vec![OrderViolation {
-            key: "k2".to_owned(),
-            sent_first: "m2".to_owned(),
-            sent_first_sequence: 4,
-            sent_later: "m4".to_owned(),
-            sent_later_sequence: 2,
-        }]
-    );
-    assert!(report.sequence_mismatch.is_empty());
-    assert!(!report.passed());
-    assert!(report.to_string().contains(
-        "I3 out of order (per key): 1\n    - key k2: m2 (sent first) stored at 4 after m4 (sent later) at 2"
-    ));
-}
-
-#[test]
-fn compare_finds_sequence_mismatch_and_false_failures() {
-    let (mut expected, stored) = five();
-    expected[1].reported_sequence = Some(9); // m2 said 9, stored at 2
-    expected[3].reported_sequence = None; // m4 said failed, but stored
-    expected.push(exp("m6", "k1", None)); // honest failure
-    let report = compare(&expected, &stored);
-    assert_eq!(report.sequence_mismatch, vec![("m2".to_owned(), 9, 2)]);
-    assert_eq!(report.stored_but_reported_failed, vec!["m4".to_owned()]);
-    assert_eq!(report.not_delivered, vec!["m6".to_owned()]);
-    assert_eq!(report.delivered_reported, 4);
-    assert!(!report.passed());
-}
-
-#[test]
-fn honest_failures_alone_pass() {
-    let (mut expected, stored) = five();
-    expected.push(exp("m6", "k1", None));
-    let report = compare(&expected, &stored);
-    assert!(report.passed(), "{report}");
-    assert_eq!(report.not_delivered, vec!["m6".to_owned()]);
-}
-
-#[test]
-fn foreign_messages_fail_unless_tolerated() {
-    let (expected, mut stored) = five();
-    stored.push(msg(6, Some("other-producer-1")));
-    stored.push(msg(7, None));
-    let strict = compare(&expected, &stored);
-    assert_eq!(strict.unexpected, vec![6, 7]);
-    assert!(!strict.passed());
-    let shared = compare_with(&expected, &stored, CompareOptions { foreign_ok: true });
-    assert_eq!(shared.unexpected, vec![6, 7]);
-    assert!(shared.passed(), "{shared}");
-}
-
-#[test]
-fn display_shows_at_most_ten_per_list() {
-    let expected: Vec<Expected> = (0..25)
-        .map(|i| exp(&format!("id{i}"), "k", Some(i + 1)))
-        .collect();
-    let report = compare(&expected, &[]);
-    assert_eq!(report.missing.len(), 25);
-    let text = report.to_string();
-    assert!(text.contains("    - id9\n"), "{text}");
-    assert!(!text.contains("id10"), "{text}");
-    assert!(text.contains("... and 15 more"), "{text}");
-}
-
-#[test]
-fn analyze_reports_gaps_duplicates_and_keys() {
-    let mut messages = vec![
-        msg(1, Some("a")),
-        msg(2, Some("b")),
-        msg(5, Some("a")),
-        msg(6, None),
-        msg(8, Some("c")),
-    ];
-    messages[1].subject = "ev.b".to_owned();
-    let summary = analyze(&messages, |m| m.subject.clone());
-    assert_eq!(summary.count, 5);
-    assert_eq!(summary.first_sequence, 1);
-    assert_eq!(summary.last_sequence, 8);
-    assert_eq!(summary.gaps, vec![(3, 4), (7, 7)]);
-    assert_eq!(summary.duplicates, vec![("a".to_owned(), vec![1, 5])]);
-    assert_eq!(summary.without_msg_id, 1);
-    assert_eq!(summary.per_key.get("ev.a"), Some(&4));
-    assert_eq!(summary.per_key.get("ev.b"), Some(&1));
-    assert!(!summary.clean());
-    let text = summary.to_string();
-    assert!(
-        text.contains("sequence gaps: 2\n    - 3..=4\n    - 7\n"),
-        "{text}"
-    );
-
-    let empty = analyze(&[], |m| m.subject.clone());
-    assert_eq!(empty.count, 0);
-    assert!(empty.clean());
-}
 
 async fn publish(js: &jetstream::Context, subject: &str, msg_id: &str, body: &str) -> u64 {
     let mut headers = HeaderMap::new();
@@ -240,13 +46,7 @@ async fn plants_are_detected_on_a_real_stream(version: ServerVersion) {
     // The sink's view: e1..e20 on keys a/b, all reported delivered at 1..=20.
     let n = 20u64;
     let expected: Vec<Expected> = (1..=n)
-        .map(|i| {
-            exp(
-                &format!("e{i}"),
-                if i % 2 == 0 { "a" } else { "b" },
-                Some(i),
-            )
-        })
+        .map(|i| Expected::new(format!("e{i}"), if i % 2 == 0 { "a" } else { "b" }, Some(i)))
         .collect();
     // What actually reaches the stream: e5 omitted (gap), e8 and e6 swapped (both key a), and e12
     // stored again under a different broker-level id that the producer maps back to e12
@@ -328,7 +128,7 @@ async fn plants_are_detected_on_a_real_stream(version: ServerVersion) {
                 .iter()
                 .find(|m| m.msg_id.as_deref() == Some(&e.msg_id))
                 .map(|m| m.stream_sequence);
-            exp(&e.msg_id, &e.key, seq)
+            Expected::new(&e.msg_id, &e.key, seq)
         })
         .collect();
     let report = compare(&truthful, &read);
@@ -406,9 +206,9 @@ async fn reads_a_larger_stream_in_order(version: ServerVersion) {
     for (i, ack) in acks.into_iter().enumerate() {
         let seq = ack.await.expect("ack").sequence;
         let i = i as u64 + 1;
-        expected.push(exp(
-            &format!("id-{i}"),
-            &format!("big.k{}", i % 7),
+        expected.push(Expected::new(
+            format!("id-{i}"),
+            format!("big.k{}", i % 7),
             Some(seq),
         ));
     }

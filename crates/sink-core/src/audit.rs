@@ -1,20 +1,13 @@
-//! Stream audit: read a whole JetStream stream back with an ordered consumer and compare it, event by
-//! event, with what a sink reported (invariants I1-I4 of DESIGN.md), or summarise a stream alone.
+//! Stream audit, the pure half: compare what a sink reported with what a stream holds, event by
+//! event (invariants I1-I4 of DESIGN.md), or summarise a stream alone (gaps, duplicates, per key).
 //!
-//! Reading is the only IO here ([`read_stream`]); [`compare`] and [`analyze`] are pure functions over
-//! the stored messages so their tables can be tested without a server.
+//! The messages come in already read (`sink_nats::audit::read_stream` does that over JetStream; the
+//! test kit's scripted broker stores them in memory), so the verdicts are tested as literal tables.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt;
-use std::time::Duration;
 
-use async_nats::jetstream::consumer::{pull::OrderedConfig, DeliverPolicy};
 use bytes::Bytes;
-use futures::StreamExt;
-use tokio::time::Instant;
-
-/// The header carrying the publisher's deduplication id.
-pub const MSG_ID_HEADER: &str = "Nats-Msg-Id";
 
 /// How many entries of each problem list [`AuditReport`]'s `Display` shows.
 const SHOWN_PER_LIST: usize = 10;
@@ -44,186 +37,6 @@ impl StoredMessage {
     }
 }
 
-/// Why a stream could not be read back.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[non_exhaustive]
-pub enum AuditError {
-    /// The stream's info could not be fetched.
-    #[error(
-        "could not look up stream {stream}: {detail}; check the stream name and that JetStream is \
-         enabled on the server the context points at"
-    )]
-    StreamLookup {
-        /// Stream name.
-        stream: String,
-        /// The client's error, rendered.
-        detail: String,
-    },
-    /// The ordered consumer could not be created or started.
-    #[error(
-        "could not start an ordered consumer on stream {stream}: {detail}; check that the account \
-         may create consumers and that the server is reachable"
-    )]
-    Consumer {
-        /// Stream name.
-        stream: String,
-        /// The client's error, rendered.
-        detail: String,
-    },
-    /// The consumer failed while delivering messages.
-    #[error(
-        "reading stream {stream} failed after {read} messages: {detail}; retry the audit once the \
-         server is healthy"
-    )]
-    Read {
-        /// Stream name.
-        stream: String,
-        /// Messages read before the failure.
-        read: usize,
-        /// The client's error, rendered.
-        detail: String,
-    },
-    /// Not every message up to the last sequence arrived in time.
-    #[error(
-        "reading stream {stream} timed out after {timeout:?}: got {read} messages, up to sequence \
-         {reached} of {last_sequence}; raise the timeout for large streams or check the server"
-    )]
-    Timeout {
-        /// Stream name.
-        stream: String,
-        /// The timeout that ran out.
-        timeout: Duration,
-        /// Messages read before it ran out.
-        read: usize,
-        /// Highest stream sequence read.
-        reached: u64,
-        /// The stream's last sequence when the read started.
-        last_sequence: u64,
-    },
-}
-
-/// Reads every message of `stream`, in stream order, up to the stream's last sequence at the time of
-/// the call, with an ephemeral ordered pull consumer (deliver all, no acks). Fails if that does not
-/// finish within `timeout`.
-pub async fn read_stream(
-    js: &async_nats::jetstream::Context,
-    stream: &str,
-    timeout: Duration,
-) -> Result<Vec<StoredMessage>, AuditError> {
-    let deadline = Instant::now() + timeout;
-    let lookup = |detail: String| AuditError::StreamLookup {
-        stream: stream.to_owned(),
-        detail,
-    };
-    let mut handle = tokio::time::timeout_at(deadline, js.get_stream(stream))
-        .await
-        .map_err(|_| lookup(format!("no reply within {timeout:?}")))?
-        .map_err(|e| lookup(e.to_string()))?;
-    let state = tokio::time::timeout_at(deadline, handle.info())
-        .await
-        .map_err(|_| lookup(format!("no reply within {timeout:?}")))?
-        .map_err(|e| lookup(e.to_string()))?
-        .state
-        .clone();
-    if state.messages == 0 {
-        return Ok(Vec::new());
-    }
-    let last_sequence = state.last_sequence;
-
-    let consumer_err = |detail: String| AuditError::Consumer {
-        stream: stream.to_owned(),
-        detail,
-    };
-    let config = OrderedConfig {
-        deliver_policy: DeliverPolicy::All,
-        ..Default::default()
-    };
-    let consumer = tokio::time::timeout_at(deadline, handle.create_consumer(config))
-        .await
-        .map_err(|_| consumer_err(format!("no reply within {timeout:?}")))?
-        .map_err(|e| consumer_err(e.to_string()))?;
-    let mut messages = tokio::time::timeout_at(deadline, consumer.messages())
-        .await
-        .map_err(|_| consumer_err(format!("no reply within {timeout:?}")))?
-        .map_err(|e| consumer_err(e.to_string()))?;
-
-    let mut stored: Vec<StoredMessage> = Vec::with_capacity(state.messages.min(1 << 20) as usize);
-    loop {
-        let read_err = |read: usize, detail: String| AuditError::Read {
-            stream: stream.to_owned(),
-            read,
-            detail,
-        };
-        let next = match tokio::time::timeout_at(deadline, messages.next()).await {
-            Ok(next) => next,
-            Err(_) => {
-                return Err(AuditError::Timeout {
-                    stream: stream.to_owned(),
-                    timeout,
-                    read: stored.len(),
-                    reached: stored.last().map_or(0, |m| m.stream_sequence),
-                    last_sequence,
-                })
-            }
-        };
-        let message = match next {
-            Some(Ok(message)) => message,
-            Some(Err(e)) => return Err(read_err(stored.len(), e.to_string())),
-            None => {
-                return Err(read_err(
-                    stored.len(),
-                    "the consumer's message stream ended early".to_owned(),
-                ))
-            }
-        };
-        let (sequence, pending) = match message.info() {
-            Ok(info) => (info.stream_sequence, info.pending),
-            Err(e) => {
-                return Err(read_err(
-                    stored.len(),
-                    format!("unparsable delivery metadata: {e}"),
-                ))
-            }
-        };
-        if sequence > last_sequence {
-            break;
-        }
-        stored.push(to_stored(&message.message, sequence));
-        // `pending == 0` covers a stream whose last message was deleted after the info call.
-        if sequence == last_sequence || pending == 0 {
-            break;
-        }
-    }
-    Ok(stored)
-}
-
-fn to_stored(message: &async_nats::Message, stream_sequence: u64) -> StoredMessage {
-    let mut headers: Vec<(String, String)> = message
-        .headers
-        .iter()
-        .flat_map(|map| map.iter())
-        .flat_map(|(name, values)| {
-            values
-                .iter()
-                .map(move |v| (name.to_string(), v.as_str().to_owned()))
-        })
-        .collect();
-    // HeaderMap iterates in hash order; a stable sort by name keeps per-name value order.
-    headers.sort_by(|a, b| a.0.cmp(&b.0));
-    let msg_id = message
-        .headers
-        .as_ref()
-        .and_then(|h| h.get(MSG_ID_HEADER))
-        .map(|v| v.as_str().to_owned());
-    StoredMessage {
-        stream_sequence,
-        subject: message.subject.to_string(),
-        msg_id,
-        payload: message.payload.clone(),
-        headers,
-    }
-}
-
 /// One event as the sink reported it, listed in send order.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Expected {
@@ -234,6 +47,22 @@ pub struct Expected {
     /// The sink's report: `Some(seq)` delivered at that stream sequence, `None` failed or not
     /// delivered.
     pub reported_sequence: Option<u64>,
+}
+
+impl Expected {
+    /// An event sent with `msg_id` on ordering key `key`, reported delivered at
+    /// `reported_sequence` (`None`: reported failed or never resolved).
+    pub fn new(
+        msg_id: impl Into<String>,
+        key: impl Into<String>,
+        reported_sequence: Option<u64>,
+    ) -> Expected {
+        Expected {
+            msg_id: msg_id.into(),
+            key: key.into(),
+            reported_sequence,
+        }
+    }
 }
 
 /// Two events of one key stored in the opposite order to the one they were sent in (I3).
@@ -589,4 +418,193 @@ pub fn analyze(
         .map(|(id, seqs)| (id.to_owned(), seqs))
         .collect();
     summary
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn msg(seq: u64, id: Option<&str>) -> StoredMessage {
+        StoredMessage {
+            stream_sequence: seq,
+            subject: "ev.a".to_owned(),
+            msg_id: id.map(str::to_owned),
+            payload: Bytes::from(format!("payload {seq}")),
+            headers: id
+                .map(|id| vec![("Nats-Msg-Id".to_owned(), id.to_owned())])
+                .unwrap_or_default(),
+        }
+    }
+
+    /// Five events on keys k1/k2, all delivered at 1..=5 as reported.
+    fn five() -> (Vec<Expected>, Vec<StoredMessage>) {
+        let keys = ["k1", "k2", "k1", "k2", "k1"];
+        let expected = (1..=5)
+            .map(|i| Expected::new(format!("m{i}"), keys[i - 1], Some(i as u64)))
+            .collect();
+        let stored = (1..=5)
+            .map(|i| msg(i as u64, Some(&format!("m{i}"))))
+            .collect();
+        (expected, stored)
+    }
+
+    #[test]
+    fn compare_all_good_passes() {
+        let (expected, stored) = five();
+        let report = compare(&expected, &stored);
+        assert!(report.passed(), "{report}");
+        report.assert_passed();
+        assert_eq!(report.expected, 5);
+        assert_eq!(report.stored, 5);
+        assert_eq!(report.delivered_reported, 5);
+        assert!(report.to_string().starts_with("audit PASSED"));
+    }
+
+    #[test]
+    fn compare_finds_a_gap_reported_delivered_but_missing() {
+        let (expected, mut stored) = five();
+        stored.remove(2); // m3 never stored
+        let report = compare(&expected, &stored);
+        assert!(!report.passed());
+        assert_eq!(report.missing, vec!["m3".to_owned()]);
+        assert!(report.duplicates.is_empty());
+        assert!(report.out_of_order.is_empty());
+        assert!(report.sequence_mismatch.is_empty());
+        let text = report.to_string();
+        assert!(text.starts_with("audit FAILED"), "{text}");
+        assert!(
+            text.contains("I1 missing (reported delivered, not stored): 1\n    - m3"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn compare_finds_a_duplicate() {
+        let (expected, mut stored) = five();
+        stored.push(msg(6, Some("m2")));
+        let report = compare(&expected, &stored);
+        assert!(!report.passed());
+        assert_eq!(report.duplicates, vec![("m2".to_owned(), vec![2, 6])]);
+        assert!(report.missing.is_empty());
+        assert!(report.sequence_mismatch.is_empty());
+        assert!(report.unexpected.is_empty());
+    }
+
+    #[test]
+    fn compare_finds_reordering_within_a_key_only() {
+        // Sent m1..m5; stored m1 m4 m3 m2 m5 (k1: m1 m3 m5 keep order; k2: m4 stored before m2).
+        let (expected, _) = five();
+        let stored_ids = ["m1", "m4", "m3", "m2", "m5"];
+        let stored: Vec<StoredMessage> = stored_ids
+            .iter()
+            .enumerate()
+            .map(|(i, id)| msg(i as u64 + 1, Some(id)))
+            .collect();
+        let expected: Vec<Expected> = expected
+            .into_iter()
+            .map(|mut e| {
+                e.reported_sequence = stored
+                    .iter()
+                    .find(|m| m.msg_id.as_deref() == Some(&e.msg_id))
+                    .map(|m| m.stream_sequence);
+                e
+            })
+            .collect();
+        let report = compare(&expected, &stored);
+        assert_eq!(
+            report.out_of_order,
+            vec![OrderViolation {
+                key: "k2".to_owned(),
+                sent_first: "m2".to_owned(),
+                sent_first_sequence: 4,
+                sent_later: "m4".to_owned(),
+                sent_later_sequence: 2,
+            }]
+        );
+        assert!(report.sequence_mismatch.is_empty());
+        assert!(!report.passed());
+        assert!(report.to_string().contains(
+            "I3 out of order (per key): 1\n    - key k2: m2 (sent first) stored at 4 after m4 (sent later) at 2"
+        ));
+    }
+
+    #[test]
+    fn compare_finds_sequence_mismatch_and_false_failures() {
+        let (mut expected, stored) = five();
+        expected[1].reported_sequence = Some(9); // m2 said 9, stored at 2
+        expected[3].reported_sequence = None; // m4 said failed, but stored
+        expected.push(Expected::new("m6", "k1", None)); // honest failure
+        let report = compare(&expected, &stored);
+        assert_eq!(report.sequence_mismatch, vec![("m2".to_owned(), 9, 2)]);
+        assert_eq!(report.stored_but_reported_failed, vec!["m4".to_owned()]);
+        assert_eq!(report.not_delivered, vec!["m6".to_owned()]);
+        assert_eq!(report.delivered_reported, 4);
+        assert!(!report.passed());
+    }
+
+    #[test]
+    fn honest_failures_alone_pass() {
+        let (mut expected, stored) = five();
+        expected.push(Expected::new("m6", "k1", None));
+        let report = compare(&expected, &stored);
+        assert!(report.passed(), "{report}");
+        assert_eq!(report.not_delivered, vec!["m6".to_owned()]);
+    }
+
+    #[test]
+    fn foreign_messages_fail_unless_tolerated() {
+        let (expected, mut stored) = five();
+        stored.push(msg(6, Some("other-producer-1")));
+        stored.push(msg(7, None));
+        let strict = compare(&expected, &stored);
+        assert_eq!(strict.unexpected, vec![6, 7]);
+        assert!(!strict.passed());
+        let shared = compare_with(&expected, &stored, CompareOptions { foreign_ok: true });
+        assert_eq!(shared.unexpected, vec![6, 7]);
+        assert!(shared.passed(), "{shared}");
+    }
+
+    #[test]
+    fn display_shows_at_most_ten_per_list() {
+        let expected: Vec<Expected> = (0..25)
+            .map(|i| Expected::new(format!("id{i}"), "k", Some(i + 1)))
+            .collect();
+        let report = compare(&expected, &[]);
+        assert_eq!(report.missing.len(), 25);
+        let text = report.to_string();
+        assert!(text.contains("    - id9\n"), "{text}");
+        assert!(!text.contains("id10"), "{text}");
+        assert!(text.contains("... and 15 more"), "{text}");
+    }
+
+    #[test]
+    fn analyze_reports_gaps_duplicates_and_keys() {
+        let mut messages = vec![
+            msg(1, Some("a")),
+            msg(2, Some("b")),
+            msg(5, Some("a")),
+            msg(6, None),
+            msg(8, Some("c")),
+        ];
+        messages[1].subject = "ev.b".to_owned();
+        let summary = analyze(&messages, |m| m.subject.clone());
+        assert_eq!(summary.count, 5);
+        assert_eq!(summary.first_sequence, 1);
+        assert_eq!(summary.last_sequence, 8);
+        assert_eq!(summary.gaps, vec![(3, 4), (7, 7)]);
+        assert_eq!(summary.duplicates, vec![("a".to_owned(), vec![1, 5])]);
+        assert_eq!(summary.without_msg_id, 1);
+        assert_eq!(summary.per_key.get("ev.a"), Some(&4));
+        assert_eq!(summary.per_key.get("ev.b"), Some(&1));
+        assert!(!summary.clean());
+        let text = summary.to_string();
+        assert!(
+            text.contains("sequence gaps: 2\n    - 3..=4\n    - 7\n"),
+            "{text}"
+        );
+
+        let empty = analyze(&[], |m| m.subject.clone());
+        assert_eq!(empty.count, 0);
+        assert!(empty.clean());
+    }
 }
