@@ -1,4 +1,5 @@
-//! `cargo xtask demo`: run `jetsink demo` (release build) with the discovered nats-server binaries.
+//! `cargo xtask demo`: run `jetsink demo` (release build with the `lab` feature) with the discovered
+//! nats-server binaries.
 
 use std::path::Path;
 
@@ -24,9 +25,13 @@ pub fn run(sh: &Shell, root: &Path, args: &[String]) -> anyhow::Result<()> {
     );
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
     // The demo starts its own broker; a NATS_URL from the caller's shell would point it elsewhere.
-    cmd!(sh, "{cargo} run --release -p sink-cli -- demo {args...}")
-        .env_remove("NATS_URL")
-        .run()
-        .map_err(|e| anyhow::anyhow!("`jetsink demo` failed: {e}"))?;
+    // `demo` exists only in a `lab` build: it needs the test kit's server launcher and fault proxy.
+    cmd!(
+        sh,
+        "{cargo} run --release -p sink-cli --features lab -- demo {args...}"
+    )
+    .env_remove("NATS_URL")
+    .run()
+    .map_err(|e| anyhow::anyhow!("`jetsink demo` failed: {e}"))?;
     Ok(())
 }

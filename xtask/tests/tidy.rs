@@ -2,8 +2,10 @@
 //!
 //! Each failure lists every offending `file:line`, so one run shows everything to fix.
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
 use std::path::{Path, PathBuf};
+use std::process::Command;
 
 /// Attribute needles, assembled so that this file does not contain them literally.
 const BANNED_ATTRIBUTES: [&str; 2] = [concat!("#[", "ignore"), concat!("#[", "should_panic")];
@@ -265,5 +267,521 @@ fn comment_stripping_keeps_code_and_drops_prose() {
     assert_eq!(
         code_lines(text),
         vec!["let a = 1; ", "", " let b = 2;", "let c = 3;  let d;"]
+    );
+}
+
+/// The workspace crates and the workspace crates each may depend on through a normal or build
+/// dependency (dev-dependencies are free). Dependencies point down: cli -> nats -> core; the test
+/// kit sits above the adapter it tests and is a normal dependency of no product crate, except
+/// through sink-cli's `lab` feature ([`LAB_FEATURE`]). A new crate is refused until it is added here.
+const LAYERS: [(&str, &[&str]); 5] = [
+    ("sink-core", &[]),
+    ("sink-nats", &["sink-core"]),
+    ("sink-testkit", &["sink-core", "sink-nats"]),
+    ("sink-cli", &["sink-core", "sink-nats", "sink-testkit"]),
+    ("xtask", &[]),
+];
+
+/// The test kit: never linked into a product unless [`LAB_FEATURE`] asks for it.
+const TEST_KIT: &str = "sink-testkit";
+
+/// Crates that are product code (shipped in the `jetsink` binary or embedded by services).
+const PRODUCT_CRATES: [&str; 3] = ["sink-core", "sink-nats", "sink-cli"];
+
+/// (crate, feature): the only switch that may turn the test kit on in a product crate, for
+/// `jetsink demo` and `jetsink bench`; never on by default.
+const LAB_FEATURE: (&str, &str) = ("sink-cli", "lab");
+
+/// Crates that may not appear in `cargo tree -p sink-cli -e normal` (default features): the test
+/// kit and what only tests need.
+const TEST_ONLY_CRATES: [&str; 6] = [
+    "sink-testkit",
+    "proptest",
+    "proptest-state-machine",
+    "rcgen",
+    "nix",
+    "insta",
+];
+
+/// How a dependency is declared.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Normal,
+    Build,
+    Dev,
+}
+
+impl Kind {
+    fn as_str(self) -> &'static str {
+        match self {
+            Kind::Normal => "normal",
+            Kind::Build => "build",
+            Kind::Dev => "dev",
+        }
+    }
+}
+
+/// One declared dependency of a workspace crate.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Declared {
+    /// The package depended on.
+    package: String,
+    /// The name features refer to it by (the `rename`, else the package name).
+    alias: String,
+    kind: Kind,
+    optional: bool,
+}
+
+/// A workspace crate's manifest, as far as the layer rules need it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Manifest {
+    name: String,
+    dependencies: Vec<Declared>,
+    features: BTreeMap<String, Vec<String>>,
+}
+
+/// Runs cargo in the workspace root and returns its stdout; panics with stderr if it fails.
+fn cargo_output(args: &[&str]) -> String {
+    // `cargo test` tells its tests which cargo runs them; keep to that one (and its toolchain).
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
+    let out = Command::new(&cargo)
+        .args(args)
+        .current_dir(project_root())
+        .output()
+        .unwrap_or_else(|err| panic!("cannot run {cargo} {}: {err}", args.join(" ")));
+    assert!(
+        out.status.success(),
+        "{cargo} {} failed:\n{}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).expect("cargo prints UTF-8")
+}
+
+/// The workspace crates of `cargo metadata --format-version 1 --no-deps` output.
+fn parse_metadata(json: &str) -> Vec<Manifest> {
+    let metadata: serde_json::Value = serde_json::from_str(json).expect("cargo metadata is JSON");
+    let text = |value: &serde_json::Value, what: &str| -> String {
+        value
+            .as_str()
+            .unwrap_or_else(|| panic!("cargo metadata: {what} is not a string: {value}"))
+            .to_owned()
+    };
+    metadata["packages"]
+        .as_array()
+        .expect("cargo metadata has a packages list")
+        .iter()
+        .map(|package| {
+            let dependencies = package["dependencies"]
+                .as_array()
+                .expect("a package has a dependencies list")
+                .iter()
+                .map(|dep| {
+                    let name = text(&dep["name"], "dependency name");
+                    let alias = dep["rename"]
+                        .as_str()
+                        .map_or_else(|| name.clone(), str::to_owned);
+                    let kind = match dep["kind"].as_str() {
+                        None => Kind::Normal,
+                        Some("build") => Kind::Build,
+                        Some("dev") => Kind::Dev,
+                        Some(other) => panic!("cargo metadata: unknown dependency kind {other}"),
+                    };
+                    Declared {
+                        package: name,
+                        alias,
+                        kind,
+                        optional: dep["optional"].as_bool().unwrap_or(false),
+                    }
+                })
+                .collect();
+            let features = package["features"]
+                .as_object()
+                .expect("a package has a features map")
+                .iter()
+                .map(|(feature, values)| {
+                    let values = values
+                        .as_array()
+                        .expect("a feature lists what it enables")
+                        .iter()
+                        .map(|v| text(v, "feature value"))
+                        .collect();
+                    (feature.clone(), values)
+                })
+                .collect();
+            Manifest {
+                name: text(&package["name"], "package name"),
+                dependencies,
+                features,
+            }
+        })
+        .collect()
+}
+
+/// Whether the feature value `value` turns on the dependency called `alias` (`dep:x`, the implicit
+/// feature `x`, or `x/feature`; `x?/feature` does not turn it on by itself).
+fn enables(value: &str, alias: &str) -> bool {
+    value.strip_prefix("dep:") == Some(alias)
+        || value == alias
+        || value
+            .strip_prefix(alias)
+            .is_some_and(|rest| rest.starts_with('/'))
+}
+
+/// Every feature that `default` turns on, itself included.
+fn default_closure(features: &BTreeMap<String, Vec<String>>) -> BTreeSet<&str> {
+    let mut on: BTreeSet<&str> = BTreeSet::new();
+    let mut pending = vec!["default"];
+    while let Some(feature) = pending.pop() {
+        if !on.insert(feature) {
+            continue;
+        }
+        for value in features.get(feature).into_iter().flatten() {
+            if features.contains_key(value.as_str()) {
+                pending.push(value.as_str());
+            }
+        }
+    }
+    on
+}
+
+/// Violations of [`LAYERS`] and of the test-kit rule, one line each.
+fn check_layers(manifests: &[Manifest]) -> Vec<String> {
+    let workspace: BTreeSet<&str> = manifests.iter().map(|m| m.name.as_str()).collect();
+    let mut violations = Vec::new();
+    for manifest in manifests {
+        let name = manifest.name.as_str();
+        let Some((_, allowed)) = LAYERS.iter().find(|(layer, _)| *layer == name) else {
+            violations.push(format!(
+                "{name}: not in LAYERS of xtask/tests/tidy.rs; add it with the workspace crates \
+                 it may depend on"
+            ));
+            continue;
+        };
+        for dep in &manifest.dependencies {
+            let target = dep.package.as_str();
+            if dep.kind == Kind::Dev || !workspace.contains(target) {
+                continue;
+            }
+            if !allowed.contains(&target) {
+                violations.push(format!(
+                    "{name} -> {target} ({} dependency): {name} may depend only on {allowed:?}",
+                    dep.kind.as_str()
+                ));
+                continue;
+            }
+            if target == TEST_KIT && PRODUCT_CRATES.contains(&name) {
+                violations.extend(check_lab_feature(manifest, dep));
+            }
+        }
+    }
+    violations
+}
+
+/// The test kit in product crate `manifest` (declared as `dep`): optional, turned on only by
+/// [`LAB_FEATURE`], which `default` does not turn on.
+fn check_lab_feature(manifest: &Manifest, dep: &Declared) -> Vec<String> {
+    let name = manifest.name.as_str();
+    let (lab_crate, lab) = LAB_FEATURE;
+    let mut violations = Vec::new();
+    if name != lab_crate {
+        violations.push(format!(
+            "{name} -> {TEST_KIT}: only {lab_crate}'s `{lab}` feature may link the test kit into a \
+             product crate; make it a dev-dependency"
+        ));
+        return violations;
+    }
+    if !dep.optional {
+        violations.push(format!(
+            "{name} -> {TEST_KIT} is not optional: the shipped binary would link it; declare it \
+             `optional = true` and enable it from the `{lab}` feature only"
+        ));
+    }
+    let enablers: Vec<&str> = manifest
+        .features
+        .iter()
+        .filter(|(_, values)| values.iter().any(|v| enables(v, &dep.alias)))
+        .map(|(feature, _)| feature.as_str())
+        .collect();
+    for feature in enablers.iter().filter(|f| **f != lab) {
+        violations.push(format!(
+            "{name}: feature `{feature}` turns on {TEST_KIT}; only `{lab}` may"
+        ));
+    }
+    let on_by_default = default_closure(&manifest.features);
+    for feature in enablers.iter().filter(|f| on_by_default.contains(**f)) {
+        violations.push(format!(
+            "{name}: `default` turns on `{feature}` and with it {TEST_KIT}; the shipped binary \
+             must build without it"
+        ));
+    }
+    violations
+}
+
+/// Test-only crates named in `cargo tree --prefix none --format {p}` output, one line each.
+fn check_shipped_tree(tree: &str) -> Vec<String> {
+    let present: BTreeSet<&str> = tree
+        .lines()
+        .filter_map(|line| line.split_whitespace().next())
+        .collect();
+    TEST_ONLY_CRATES
+        .iter()
+        .filter(|name| present.contains(**name))
+        .map(|name| {
+            format!(
+                "{name} is linked into the default `jetsink` binary; \
+                 `cargo tree -p sink-cli -e normal -i {name}` shows the edge"
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn workspace_crates_depend_only_down_the_layers() {
+    let json = cargo_output(&["metadata", "--format-version", "1", "--no-deps"]);
+    let manifests = parse_metadata(&json);
+    let names: BTreeSet<&str> = manifests.iter().map(|m| m.name.as_str()).collect();
+    // Guards the check itself: it must have seen the crates it is about.
+    for (layer, _) in LAYERS {
+        assert!(names.contains(layer), "cargo metadata lists no {layer}");
+    }
+    assert_none(
+        "dependencies point down: cli -> nats -> core, the test kit only as a dev-dependency or \
+         behind sink-cli's `lab` feature",
+        &check_layers(&manifests),
+    );
+}
+
+#[test]
+fn shipped_binary_links_no_test_kit() {
+    let tree = cargo_output(&[
+        "tree", "-p", "sink-cli", "-e", "normal", "--prefix", "none", "--format", "{p}",
+    ]);
+    // Guards the check itself: an empty or unexpected listing would pass vacuously.
+    assert!(
+        tree.lines().any(|l| l.starts_with("sink-nats ")),
+        "unexpected cargo tree output:\n{tree}"
+    );
+    assert_none(
+        "the default `jetsink` binary links no test kit and no test-only crate",
+        &check_shipped_tree(&tree),
+    );
+}
+
+/// A manifest for the checker tests: `deps` as (package, kind, optional), `features` as
+/// (feature, values).
+fn manifest(name: &str, deps: &[(&str, Kind, bool)], features: &[(&str, &[&str])]) -> Manifest {
+    Manifest {
+        name: name.to_owned(),
+        dependencies: deps
+            .iter()
+            .map(|&(package, kind, optional)| Declared {
+                package: package.to_owned(),
+                alias: package.to_owned(),
+                kind,
+                optional,
+            })
+            .collect(),
+        features: features
+            .iter()
+            .map(|(f, values)| {
+                (
+                    (*f).to_owned(),
+                    values.iter().map(|v| (*v).to_owned()).collect(),
+                )
+            })
+            .collect(),
+    }
+}
+
+/// The documented layout: what the checker must accept.
+fn good_workspace() -> Vec<Manifest> {
+    vec![
+        manifest(
+            "sink-core",
+            &[("bytes", Kind::Normal, false), (TEST_KIT, Kind::Dev, false)],
+            &[],
+        ),
+        manifest(
+            "sink-nats",
+            &[
+                ("sink-core", Kind::Normal, false),
+                (TEST_KIT, Kind::Dev, false),
+            ],
+            &[],
+        ),
+        manifest(
+            TEST_KIT,
+            &[
+                ("sink-core", Kind::Normal, false),
+                ("sink-nats", Kind::Normal, false),
+                ("proptest", Kind::Normal, false),
+            ],
+            &[],
+        ),
+        manifest(
+            "sink-cli",
+            &[
+                ("sink-nats", Kind::Normal, false),
+                (TEST_KIT, Kind::Normal, true),
+                (TEST_KIT, Kind::Dev, false),
+            ],
+            &[("lab", &["dep:sink-testkit"])],
+        ),
+        manifest("xtask", &[("anyhow", Kind::Normal, false)], &[]),
+    ]
+}
+
+/// `good_workspace` with `name`'s manifest replaced.
+fn with(replacement: Manifest) -> Vec<Manifest> {
+    let mut workspace = good_workspace();
+    let slot = workspace
+        .iter_mut()
+        .find(|m| m.name == replacement.name)
+        .expect("replaces a crate of the good workspace");
+    *slot = replacement;
+    workspace
+}
+
+#[test]
+fn layer_check_accepts_the_documented_layout() {
+    assert_eq!(check_layers(&good_workspace()), Vec::<String>::new());
+}
+
+#[test]
+fn layer_check_flags_an_upward_edge_and_an_unlisted_crate() {
+    let mut workspace = with(manifest(
+        "sink-core",
+        &[("sink-nats", Kind::Build, false)],
+        &[],
+    ));
+    workspace.push(manifest("sink-spool", &[], &[]));
+    assert_eq!(
+        check_layers(&workspace),
+        vec![
+            "sink-core -> sink-nats (build dependency): sink-core may depend only on []",
+            "sink-spool: not in LAYERS of xtask/tests/tidy.rs; add it with the workspace crates \
+             it may depend on",
+        ]
+    );
+}
+
+#[test]
+fn layer_check_flags_the_test_kit_as_a_normal_dependency_of_a_product_crate() {
+    let nats = with(manifest(
+        "sink-nats",
+        &[
+            ("sink-core", Kind::Normal, false),
+            (TEST_KIT, Kind::Normal, true),
+        ],
+        &[("lab", &["dep:sink-testkit"])],
+    ));
+    assert_eq!(
+        check_layers(&nats),
+        vec!["sink-nats -> sink-testkit (normal dependency): sink-nats may depend only on [\"sink-core\"]"]
+    );
+
+    let cli = with(manifest(
+        "sink-cli",
+        &[(TEST_KIT, Kind::Normal, false)],
+        &[("lab", &[])],
+    ));
+    assert_eq!(
+        check_layers(&cli),
+        vec![
+            "sink-cli -> sink-testkit is not optional: the shipped binary would link it; declare \
+             it `optional = true` and enable it from the `lab` feature only"
+        ]
+    );
+}
+
+#[test]
+fn layer_check_flags_the_test_kit_on_by_default_or_behind_another_feature() {
+    let workspace = with(manifest(
+        "sink-cli",
+        &[(TEST_KIT, Kind::Normal, true)],
+        &[
+            ("default", &["extras"]),
+            ("extras", &["lab"]),
+            ("lab", &["dep:sink-testkit"]),
+            ("fuzz", &["sink-testkit/serde"]),
+            ("weak", &["sink-testkit?/serde"]),
+        ],
+    ));
+    assert_eq!(
+        check_layers(&workspace),
+        vec![
+            "sink-cli: feature `fuzz` turns on sink-testkit; only `lab` may",
+            "sink-cli: `default` turns on `lab` and with it sink-testkit; the shipped binary must \
+             build without it",
+        ]
+    );
+}
+
+#[test]
+fn metadata_parser_reads_kinds_renames_and_features() {
+    let json = r#"{"packages": [{
+        "name": "sink-cli",
+        "dependencies": [
+            {"name": "sink-nats", "kind": null, "rename": null, "optional": false},
+            {"name": "sink-testkit", "kind": null, "rename": "kit", "optional": true},
+            {"name": "sink-testkit", "kind": "dev", "rename": null, "optional": false},
+            {"name": "cc", "kind": "build", "rename": null, "optional": false}
+        ],
+        "features": {"lab": ["dep:kit"]}
+    }]}"#;
+    let parsed = parse_metadata(json);
+    assert_eq!(
+        parsed,
+        vec![manifest_with_alias(
+            manifest(
+                "sink-cli",
+                &[
+                    ("sink-nats", Kind::Normal, false),
+                    (TEST_KIT, Kind::Normal, true),
+                    (TEST_KIT, Kind::Dev, false),
+                    ("cc", Kind::Build, false),
+                ],
+                &[("lab", &["dep:kit"])],
+            ),
+            1,
+            "kit"
+        )]
+    );
+    // A renamed test kit turned on by another feature is still found.
+    let mut renamed = parsed[0].clone();
+    renamed
+        .features
+        .insert("fuzz".to_owned(), vec!["kit/serde".to_owned()]);
+    assert_eq!(
+        check_layers(&with(renamed)),
+        vec!["sink-cli: feature `fuzz` turns on sink-testkit; only `lab` may"]
+    );
+}
+
+/// `m` with dependency `index` known to features as `alias`.
+fn manifest_with_alias(mut m: Manifest, index: usize, alias: &str) -> Manifest {
+    m.dependencies[index].alias = alias.to_owned();
+    m
+}
+
+#[test]
+fn shipped_tree_check_flags_test_only_crates() {
+    let clean = "sink-cli v0.1.0 (/w/crates/sink-cli)\nsink-nats v0.1.0 (/w/crates/sink-nats)\n\
+                 tokio v1.47.0\ntokio v1.47.0 (*)\n";
+    assert_eq!(check_shipped_tree(clean), Vec::<String>::new());
+    let linked = format!(
+        "{clean}sink-testkit v0.1.0 (/w/crates/sink-testkit)\nproptest v1.12.0\nnix v0.30.1 (*)\n"
+    );
+    assert_eq!(
+        check_shipped_tree(&linked),
+        vec![
+            "sink-testkit is linked into the default `jetsink` binary; `cargo tree -p sink-cli -e \
+             normal -i sink-testkit` shows the edge",
+            "proptest is linked into the default `jetsink` binary; `cargo tree -p sink-cli -e \
+             normal -i proptest` shows the edge",
+            "nix is linked into the default `jetsink` binary; `cargo tree -p sink-cli -e normal -i \
+             nix` shows the edge",
+        ]
     );
 }

@@ -1,11 +1,17 @@
 //! The `jetsink` operator CLI: publish, stream ensure/verify, audit, doctor (plus bench and demo).
 //!
+//! `bench` and `demo` exist only with the `lab` feature (`cargo xtask demo | bench` turn it on):
+//! they start nats-servers and inject outages with the test kit, which the shipped binary does not
+//! link.
+//!
 //! Exit codes: 0 success; 1 the command ran and found a problem (an event not delivered, a stream
 //! violation, an audit finding, a failed doctor check); 2 usage, configuration or connection errors.
 
 mod audit;
+#[cfg(feature = "lab")]
 mod bench;
 mod config;
+#[cfg(feature = "lab")]
 mod demo;
 mod doctor;
 mod output;
@@ -57,8 +63,10 @@ enum Command {
     /// Read a stream back: count, gaps, duplicates, per-key counts; compare with what was sent
     Audit(audit::AuditArgs),
     /// Side-by-side throughput benchmark: fire-and-forget, serial ack, raw pipelined, jetsink modes
+    #[cfg(feature = "lab")]
     Bench(bench::BenchArgs),
     /// Start a local JetStream, publish through a broker kill -9 and restart, audit the stream
+    #[cfg(feature = "lab")]
     Demo(demo::DemoArgs),
     /// Check connectivity, auth, server capabilities, JetStream account limits and the stream
     Doctor(doctor::DoctorArgs),
@@ -83,7 +91,9 @@ fn main() -> ExitCode {
             Command::Publish(args) => publish::run(args, &cli.common).await,
             Command::Stream(command) => stream::run(command, &cli.common).await,
             Command::Audit(args) => audit::run(args, &cli.common).await,
+            #[cfg(feature = "lab")]
             Command::Bench(args) => bench::run(args, &cli.common).await,
+            #[cfg(feature = "lab")]
             Command::Demo(args) => demo::run(args, &cli.common).await,
             Command::Doctor(args) => doctor::run(args, &cli.common).await,
         }
