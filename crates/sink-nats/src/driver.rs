@@ -16,6 +16,7 @@ use async_nats::jetstream;
 use async_nats::{ConnectOptions, HeaderMap};
 use futures::StreamExt;
 use sink_core::breaker::{BreakerEvent, BreakerState};
+use sink_core::capability::{chaining_hazard, ServerVersion};
 use sink_core::outbox::{Ack, Message, OrderingMode, Outbox, OutboxConfig, Output};
 use sink_core::stream::{verify, StreamFacts, StreamRequirements, Violation};
 use tokio::sync::{mpsc, oneshot, Notify, OwnedSemaphorePermit};
@@ -75,6 +76,8 @@ pub(crate) struct Started {
     pub server_version: String,
     pub max_payload: usize,
     duplicate_window: Option<Duration>,
+    /// The stream's replica count, when the stream was checked at start.
+    replicas: Option<u32>,
     /// Whether the stream policy has been applied (always, except when the server stayed down
     /// through a retry-on-initial-connect start: then the driver checks after it connects).
     stream_checked: bool,
@@ -130,10 +133,20 @@ pub(crate) async fn connect_options(config: &SinkConfig) -> Result<ConnectOption
         .ping_interval(config.ping_interval)
         .connection_timeout(config.connect_timeout)
         .request_timeout(Some(config.ack_timeout))
+        // The client's own reconnect attempts follow the schedule only up to
+        // CLIENT_RECONNECT_CAP: the breaker may wait minutes between probes, but the client must
+        // notice a returning server within a second, and its Connected event ends the breaker's
+        // wait (issue #9 item 6). An attempt against a server that is down costs one refused
+        // TCP connect.
         .reconnect_delay_callback(move |attempts| {
-            backoff.delay(u32::try_from(attempts.saturating_sub(1)).unwrap_or(u32::MAX))
+            backoff
+                .delay(u32::try_from(attempts.saturating_sub(1)).unwrap_or(u32::MAX))
+                .min(CLIENT_RECONNECT_CAP)
         }))
 }
+
+/// Longest wait between two of the client's reconnect attempts.
+pub(crate) const CLIENT_RECONNECT_CAP: Duration = Duration::from_secs(1);
 
 /// Credentials from the first server URL that carries userinfo, percent-decoded.
 fn url_credentials(urls: &[ServerUrl]) -> Option<UrlCredentials> {
@@ -223,10 +236,10 @@ pub(crate) async fn start(config: &SinkConfig, subjects: &Subjects) -> Result<St
         }
     }
     let info = client.server_info();
-    let mut duplicate_window = None;
+    let mut checked = None;
     let mut stream_checked = config.stream_policy == StreamPolicy::Off;
     if !stream_checked && !info.server_id.is_empty() {
-        duplicate_window = Some(check_stream(&client, config, subjects, &servers).await?);
+        checked = Some(check_stream(&client, config, subjects, &servers).await?);
         stream_checked = true;
     }
     Ok(Started {
@@ -238,7 +251,8 @@ pub(crate) async fn start(config: &SinkConfig, subjects: &Subjects) -> Result<St
         },
         client,
         events: ev_rx,
-        duplicate_window,
+        duplicate_window: checked.map(|c| c.duplicate_window),
+        replicas: checked.map(|c| c.replicas),
         stream_checked,
     })
 }
@@ -320,7 +334,7 @@ async fn check_stream(
     config: &SinkConfig,
     subjects: &Subjects,
     servers: &str,
-) -> Result<Duration, StartError> {
+) -> Result<StreamChecked, StartError> {
     let js = jetstream::new(client.clone());
     let api = |reason: String| StartError::StreamApi {
         stream: config.stream.clone(),
@@ -352,7 +366,17 @@ async fn check_stream(
             violations,
         });
     }
-    Ok(facts.duplicate_window)
+    Ok(StreamChecked {
+        duplicate_window: facts.duplicate_window,
+        replicas: facts.replicas,
+    })
+}
+
+/// What the driver keeps from a passed stream check.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct StreamChecked {
+    duplicate_window: Duration,
+    replicas: u32,
 }
 
 /// A failed stream read at start as a start error.
@@ -523,7 +547,7 @@ pub(crate) fn spawn(
         ));
         rx
     });
-    let driver = Driver {
+    let mut driver = Driver {
         config,
         client: started.client,
         outbox,
@@ -545,6 +569,9 @@ pub(crate) fn spawn(
         stream_checks,
         stream_recheck,
     };
+    if let Some(replicas) = started.replicas {
+        driver.guard_chaining(replicas);
+    }
     tokio::spawn(driver.run(commands, started.events));
 }
 
@@ -933,6 +960,19 @@ impl Driver {
         }
     }
 
+    /// Chaining is not used where the server makes it unsafe (a replicated stream on 2.11+, see
+    /// [`sink_core::capability`]): the outbox switches to per-key-serial before sending anything,
+    /// and the log, `health().ordering` and `last_error` say why.
+    fn guard_chaining(&mut self, replicas: u32) {
+        let version = ServerVersion::parse(&self.client.server_info().version);
+        if let Some(hazard) = chaining_hazard(version, replicas) {
+            self.outbox.use_per_key_serial(format!(
+                "{hazard}; keeping order with per-key-serial delivery (one publish in flight per \
+                 ordering key) instead of chaining"
+            ));
+        }
+    }
+
     /// Applies the stream policy once the client is connected (the server was down at start).
     /// Until it passes, events stay queued and `health().last_error` says why.
     async fn deferred_stream_check(&mut self) {
@@ -942,9 +982,10 @@ impl Driver {
         }
         let servers = redacted_servers(&self.config.servers);
         match check_stream(&self.client, &self.config, &self.subjects, &servers).await {
-            Ok(window) => {
+            Ok(checked) => {
                 tracing::info!(stream = %self.config.stream, "stream checked after the first connection");
-                self.duplicate_window = Some(window);
+                self.duplicate_window = Some(checked.duplicate_window);
+                self.guard_chaining(checked.replicas);
                 self.stream_checked = true;
                 self.stream_check_at = None;
             }

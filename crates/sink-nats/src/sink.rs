@@ -546,7 +546,10 @@ impl SinkBuilder {
         self.config.retry = schedule;
         self
     }
-    /// Breaker/reconnect backoff (default 100 ms * 2^n capped at 180 s).
+    /// Breaker backoff between probes while the broker fails (default 100 ms * 2^n capped at
+    /// 180 s, as the seed). The client's own reconnect attempts follow it too but are never more
+    /// than 1 s apart, and a reconnect sends the probe at once: delivery resumes within about a
+    /// second of the server's return however long the outage was.
     pub fn reconnect(mut self, backoff: Backoff) -> Self {
         self.config.reconnect = backoff;
         self
