@@ -15,6 +15,7 @@ use async_nats::header::{NATS_EXPECTED_LAST_MESSAGE_ID, NATS_EXPECTED_STREAM, NA
 use async_nats::jetstream;
 use async_nats::{ConnectOptions, HeaderMap};
 use futures::StreamExt;
+use sink_core::backoff::{deadline_after, FAR_FUTURE};
 use sink_core::breaker::{BreakerEvent, BreakerState};
 use sink_core::capability::{chaining_hazard, ServerVersion};
 use sink_core::outbox::{Ack, Message, OrderingMode, Outbox, OutboxConfig, Output};
@@ -50,6 +51,54 @@ fn base_headers(message: &Message, expected_stream: Option<&str>) -> HeaderMap {
         headers.insert(NATS_EXPECTED_STREAM, stream);
     }
     headers
+}
+
+/// `NATS/1.0\r\n` before a header block and the blank line after it.
+const HEADER_BLOCK_FRAME: usize = "NATS/1.0\r\n".len() + "\r\n".len();
+
+/// One `Name: value\r\n` line of a header block.
+fn header_line_len(name: impl AsRef<str>, value: &str) -> usize {
+    name.as_ref().len() + ": ".len() + value.len() + "\r\n".len()
+}
+
+/// The bytes the server counts against `max_payload` for a publish: the header block as sent
+/// plus the body. The subject and reply subject are not counted (nats-server `client.go`
+/// `processHeaderPub` compares `HPUB`'s total size, headers + payload, with `max_payload`; the
+/// subject's bound is the 4096-byte control line, far above our 255-byte subjects).
+fn wire_size(headers: &HeaderMap, body: usize) -> usize {
+    let lines: usize = headers
+        .iter()
+        .map(|(name, values)| {
+            values
+                .iter()
+                .map(|v| header_line_len(name, v.as_str()))
+                .sum::<usize>()
+        })
+        .sum();
+    HEADER_BLOCK_FRAME + lines + body
+}
+
+/// The most [`wire_size`] can be for `message`, whichever headers a transmission of it carries:
+/// its own (content type, `ce-` attributes), `Nats-Msg-Id`, `Nats-Expected-Stream` (whenever the
+/// stream policy is on: first event, probe, re-anchor, unchained modes) and
+/// `Nats-Expected-Last-Msg-Id`. An event that fits this always fits when it is sent, so `send`
+/// refuses what could not be sent instead of accepting it into a retry that can never succeed.
+pub(crate) fn worst_case_wire_size(message: &Message, expected_stream: Option<&str>) -> usize {
+    let id = message.msg_id.as_str();
+    let own: usize = message
+        .headers
+        .iter()
+        .map(|(k, v)| header_line_len(k, v))
+        .sum();
+    // The predecessor's id is another `MsgId::for_event`: the same fixed length as this one.
+    let expected_last = header_line_len(NATS_EXPECTED_LAST_MESSAGE_ID, id);
+    let stream = expected_stream.map_or(0, |s| header_line_len(NATS_EXPECTED_STREAM, s));
+    HEADER_BLOCK_FRAME
+        + own
+        + header_line_len(NATS_MESSAGE_ID, id)
+        + stream
+        + expected_last
+        + message.body.len()
 }
 
 pub(crate) enum Command {
@@ -130,7 +179,9 @@ pub(crate) async fn connect_options(config: &SinkConfig) -> Result<ConnectOption
         // stops draining that channel, so size it for several windows of re-sends rather than
         // let the driver block on it.
         .client_capacity((config.window * 16).max(8192))
-        .ping_interval(config.ping_interval)
+        // The client's ping timer adds the interval to the clock (and panics past its end):
+        // "never" becomes a century.
+        .ping_interval(config.ping_interval.min(FAR_FUTURE))
         .connection_timeout(config.connect_timeout)
         .request_timeout(Some(config.ack_timeout))
         // The client's own reconnect attempts follow the schedule only up to
@@ -230,7 +281,7 @@ pub(crate) async fn start(config: &SinkConfig, subjects: &Subjects) -> Result<St
         // even when the server is up) and knows no server info yet. Give that connection one
         // connect timeout so a reachable server still gets its stream checked and its
         // max_payload read; only a server that stays down starts the sink unchecked.
-        let deadline = Instant::now() + config.connect_timeout;
+        let deadline = deadline_after(Instant::now(), config.connect_timeout);
         while client.server_info().server_id.is_empty() && Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
@@ -244,11 +295,9 @@ pub(crate) async fn start(config: &SinkConfig, subjects: &Subjects) -> Result<St
     }
     Ok(Started {
         server_version: info.version.clone(),
-        max_payload: if info.max_payload == 0 {
-            1024 * 1024
-        } else {
-            info.max_payload
-        },
+        // From the server's INFO when connected, else the client's assumption (1 MiB) until
+        // the first INFO; the driver refreshes it on every connect.
+        max_payload: client.max_payload(),
         client,
         events: ev_rx,
         duplicate_window: checked.map(|c| c.duplicate_window),
@@ -290,6 +339,18 @@ fn validate(config: &SinkConfig) -> Result<(), StartError> {
     if config.max_bytes > u32::MAX as usize {
         return bad("max_bytes", "at most 4 GiB");
     }
+    if config.ping_interval.is_zero() {
+        return bad(
+            "ping_interval",
+            "is 0; give a positive interval (default 2 s) or Duration::MAX for no pings",
+        );
+    }
+    if config.connect_timeout.is_zero() {
+        return bad(
+            "connect_timeout",
+            "is 0, so no connection attempt could succeed; give a positive timeout (default 5 s)",
+        );
+    }
     config.reconnect.validate().map_err(|e| StartError::Config {
         field: "reconnect",
         problem: e.to_string(),
@@ -321,8 +382,15 @@ fn scrub(text: &str, config: &SinkConfig) -> String {
 }
 
 pub(crate) fn requirements(config: &SinkConfig, subjects: &Subjects) -> StreamRequirements {
-    let attempts = config.retry.len() as u32 + 1;
-    let retry_span = config.ack_timeout * attempts + config.retry.total();
+    let attempts = u32::try_from(config.retry.len())
+        .unwrap_or(u32::MAX)
+        .saturating_add(1);
+    // Saturating: an ack timeout of `Duration::MAX` ("never") asks for a window no stream has,
+    // which Verify reports, rather than a panic.
+    let retry_span = config
+        .ack_timeout
+        .saturating_mul(attempts)
+        .saturating_add(config.retry.total());
     let mut req = StreamRequirements::for_subject_filter(subjects.filter(), retry_span);
     req.retention_floor = config.retention_floor;
     req
@@ -423,13 +491,19 @@ struct Waiter {
     msg_id: sink_core::event::MsgId,
     /// The event's `jetsink.event` span: the parent of every per-event record.
     span: tracing::Span,
-    reply: oneshot::Sender<Result<Receipt, EmitError>>,
+    /// Taken when the outcome is sent. A delivered event's waiter stays (with its permits) until
+    /// the outbox lets go of the entry, which it does only once every earlier event is settled:
+    /// the queue's room is the outbox's room, so `WhenFull::Block` waits where the outbox is full.
+    reply: Option<oneshot::Sender<Result<Receipt, EmitError>>>,
     _permits: Permits,
     first_sent: Option<Instant>,
     /// Transmissions so far.
     transmits: u32,
     /// Reported as possibly stored twice (beyond the duplicate window) already.
     span_warned: bool,
+    /// Refused at send time as larger than the server's `max_payload`: (wire size, limit). Its
+    /// rejection is reported as [`EmitError::TooLarge`].
+    too_large: Option<(usize, usize)>,
 }
 
 /// The callers waiting for outcomes, by outbox sequence. Sequences are handed out consecutively
@@ -503,6 +577,17 @@ struct Driver {
     duplicate_window: Option<Duration>,
     delivered: u64,
     rejected: u64,
+    /// Calls of `send`, `flush` and `close`.
+    commands: mpsc::UnboundedReceiver<Command>,
+    /// A close is under way: give up on what is left at this deadline (the earliest any caller
+    /// of `close` asked for).
+    closing: Option<Instant>,
+    /// Every caller of `close` waiting for the report.
+    closers: Vec<oneshot::Sender<CloseReport>>,
+    /// Events `send` accepted that arrived after the close began: not delivered, and reported so.
+    refused_at_close: Vec<(String, sink_core::event::MsgId, bool)>,
+    /// Whether [`Driver::end`] ran.
+    ended: bool,
     stream_recreate_at: Option<Instant>,
     /// The subject template, for checking and re-creating the stream.
     subjects: Subjects,
@@ -561,6 +646,11 @@ pub(crate) fn spawn(
         duplicate_window: started.duplicate_window,
         delivered: 0,
         rejected: 0,
+        commands,
+        closing: None,
+        closers: Vec::new(),
+        refused_at_close: Vec::new(),
+        ended: false,
         stream_recreate_at: None,
         subjects,
         stream_checked: started.stream_checked,
@@ -572,7 +662,7 @@ pub(crate) fn spawn(
     if let Some(replicas) = started.replicas {
         driver.guard_chaining(replicas);
     }
-    tokio::spawn(driver.run(commands, started.events));
+    tokio::spawn(driver.run(started.events));
 }
 
 fn unix_ms() -> u64 {
@@ -583,11 +673,7 @@ fn unix_ms() -> u64 {
 }
 
 impl Driver {
-    async fn run(
-        mut self,
-        mut commands: mpsc::UnboundedReceiver<Command>,
-        mut events: mpsc::UnboundedReceiver<async_nats::Event>,
-    ) {
+    async fn run(mut self, mut events: mpsc::UnboundedReceiver<async_nats::Event>) {
         let mut replies = loop {
             match self.client.subscribe(format!("{}.>", self.inbox)).await {
                 Ok(s) => break s,
@@ -597,7 +683,6 @@ impl Driver {
                 }
             }
         };
-        let mut closing: Option<(Instant, oneshot::Sender<CloseReport>)> = None;
         let mut commands_open = true;
         let mut stream_checks = self.stream_checks.take();
         loop {
@@ -620,17 +705,14 @@ impl Driver {
                 self.apply(out, now).await;
             }
             self.publish_state();
-            if let Some((deadline, _)) = &closing {
-                if self.outbox.is_empty() || Instant::now() >= *deadline {
-                    let (_, reply) = closing.take().expect("checked");
-                    let report = self.finish();
-                    let _ = reply.send(report);
+            if let Some(deadline) = self.closing {
+                if self.outbox.is_empty() || Instant::now() >= deadline {
                     break;
                 }
             }
             let timeout = [
                 self.outbox.poll_timeout(),
-                closing.as_ref().map(|c| c.0),
+                self.closing,
                 self.stream_recreate_at,
                 self.stream_check_at,
             ]
@@ -650,24 +732,24 @@ impl Driver {
                         }
                     }
                 }
-                cmd = commands.recv(), if commands_open => {
+                cmd = self.commands.recv(), if commands_open => {
                     match cmd {
                         Some(cmd) => {
-                            self.on_command(cmd, &mut closing);
+                            self.on_command(cmd);
                             for _ in 0..1024 {
-                                match commands.try_recv() {
-                                    Ok(cmd) => self.on_command(cmd, &mut closing),
+                                match self.commands.try_recv() {
+                                    Ok(cmd) => self.on_command(cmd),
                                     Err(_) => break,
                                 }
                             }
                         }
                         None => {
                             commands_open = false;
-                            if closing.is_none() {
+                            if self.closing.is_none() {
                                 // Every handle is gone: drain for as long as an ack timeout
                                 // cycle allows, then stop.
-                                let (tx, _rx) = oneshot::channel();
-                                closing = Some((Instant::now() + self.config.ack_timeout * 4, tx));
+                                let drain = self.config.ack_timeout.saturating_mul(4);
+                                self.closing = Some(deadline_after(Instant::now(), drain));
                             }
                         }
                     }
@@ -689,13 +771,10 @@ impl Driver {
                 }
             }
         }
+        self.end();
     }
 
-    fn on_command(
-        &mut self,
-        cmd: Command,
-        closing: &mut Option<(Instant, oneshot::Sender<CloseReport>)>,
-    ) {
+    fn on_command(&mut self, cmd: Command) {
         match cmd {
             Command::Emit {
                 message,
@@ -704,9 +783,15 @@ impl Driver {
                 span,
                 reply,
             } => {
-                if closing.is_some() {
-                    tracing::debug!(parent: &span, "refused: the sink is closing");
-                    let _ = reply.send(Err(EmitError::Closed));
+                if self.closing.is_some() {
+                    // `send` accepted it, so the close report lists it.
+                    tracing::debug!(parent: &span, "not delivered: the sink is closing");
+                    let _ = reply.send(Err(EmitError::NotDelivered {
+                        event_id: event_id.clone(),
+                        transmitted: false,
+                    }));
+                    self.refused_at_close
+                        .push((event_id, message.msg_id, false));
                     return;
                 }
                 let msg_id = message.msg_id.clone();
@@ -718,17 +803,27 @@ impl Driver {
                                 event_id,
                                 msg_id,
                                 span,
-                                reply,
+                                reply: Some(reply),
                                 _permits: permits,
                                 first_sent: None,
                                 transmits: 0,
                                 span_warned: false,
+                                too_large: None,
                             },
                         );
                     }
                     Err(refused) => {
+                        // `send` holds queue permits for exactly what the outbox holds, so the
+                        // outbox has room for what it admitted; this is a backstop.
                         let err = match refused {
                             sink_core::outbox::Refused::BreakerOpen => EmitError::BreakerOpen,
+                            sink_core::outbox::Refused::TooLarge { size, max_bytes } => {
+                                EmitError::ExceedsQueue {
+                                    event_id,
+                                    size,
+                                    max_bytes,
+                                }
+                            }
                             _ => EmitError::QueueFull {
                                 max_events: self.config.max_events,
                                 max_bytes: self.config.max_bytes,
@@ -746,7 +841,8 @@ impl Driver {
                 }
             },
             Command::Close { deadline, reply } => {
-                *closing = Some((deadline, reply));
+                self.closing = Some(self.closing.map_or(deadline, |d| d.min(deadline)));
+                self.closers.push(reply);
             }
         }
     }
@@ -774,6 +870,15 @@ impl Driver {
                     headers.insert(NATS_EXPECTED_LAST_MESSAGE_ID, last.as_str());
                 }
                 let body = msg.body.clone();
+                // The limit of the server connected now (or last): it may be smaller than the one
+                // this event was accepted under.
+                let max_payload = self.client.max_payload();
+                self.note_max_payload(max_payload);
+                let size = wire_size(&headers, body.len());
+                if size > max_payload {
+                    self.too_large(t.seq, t.attempt, size, max_payload);
+                    return;
+                }
                 let mut reply = String::with_capacity(self.inbox.len() + 24);
                 reply.push_str(&self.inbox);
                 let _ = write!(reply, ".{}.{}", t.seq, t.attempt);
@@ -809,6 +914,13 @@ impl Driver {
                     .publish_with_reply_and_headers(subject, reply, headers, body)
                     .await
                 {
+                    if e.kind() == async_nats::PublishErrorKind::MaxPayloadExceeded {
+                        // The limit changed between our check and the client's (a reconnect).
+                        let max_payload = self.client.max_payload();
+                        self.note_max_payload(max_payload);
+                        self.too_large(t.seq, t.attempt, size, max_payload);
+                        return;
+                    }
                     self.shared.set_error(format!("publish: {e}"));
                     self.outbox.handle_failure(
                         t.seq,
@@ -823,14 +935,14 @@ impl Driver {
             Output::Delivered { seq, ack } => {
                 self.delivered += 1;
                 m::acked(ack.duplicate);
-                if let Some(mut w) = self.waiters.remove(seq) {
+                if let Some(w) = self.waiters.get_mut(seq) {
                     // A re-send issued within the window can still reach the broker after it,
                     // when the client held it through a reconnect: judge by the ack too.
                     if let (Some(first), Some(window)) = (w.first_sent, self.duplicate_window) {
                         let waited = now.duration_since(first);
                         if !ack.duplicate && w.transmits > 1 && waited > window {
                             beyond_window(
-                                &mut w,
+                                w,
                                 &self.shared,
                                 waited,
                                 window,
@@ -847,8 +959,11 @@ impl Driver {
                         duplicate = ack.duplicate,
                         "delivered"
                     );
-                    let _ = w.reply.send(Ok(receipt(ack, w.msg_id)));
+                    if let Some(reply) = w.reply.take() {
+                        let _ = reply.send(Ok(receipt(ack, w.msg_id.clone())));
+                    }
                 }
+                self.release_settled();
                 self.settle_flushes();
             }
             Output::Rejected { seq, rejection } => {
@@ -858,12 +973,28 @@ impl Driver {
                 // re-verify now rather than at the next interval.
                 self.stream_recheck.notify_one();
                 if let Some(w) = self.waiters.remove(seq) {
-                    tracing::warn!(parent: &w.span, ce.id = %w.event_id, %rejection, "rejected by the broker");
-                    let _ = w.reply.send(Err(EmitError::Rejected {
-                        event_id: w.event_id,
-                        rejection,
-                    }));
+                    let error = match w.too_large {
+                        Some((size, max_payload)) => {
+                            tracing::warn!(parent: &w.span, ce.id = %w.event_id, size, max_payload, "larger than the server's max_payload");
+                            EmitError::TooLarge {
+                                event_id: w.event_id,
+                                size,
+                                max_payload,
+                            }
+                        }
+                        None => {
+                            tracing::warn!(parent: &w.span, ce.id = %w.event_id, %rejection, "rejected by the broker");
+                            EmitError::Rejected {
+                                event_id: w.event_id,
+                                rejection,
+                            }
+                        }
+                    };
+                    if let Some(reply) = w.reply {
+                        let _ = reply.send(Err(error));
+                    }
                 }
+                self.release_settled();
                 self.settle_flushes();
             }
             Output::Retrying {
@@ -899,6 +1030,45 @@ impl Driver {
                 self.shared.set_error(reason);
             }
         }
+    }
+
+    /// Drops the waiters (and so the queue permits) of delivered events the outbox no longer
+    /// holds. The outbox lets go of acked entries in order, so only the front can be due.
+    fn release_settled(&mut self) {
+        while let Some(seq) = self.waiters.lowest() {
+            let delivered = self.waiters.get_mut(seq).is_some_and(|w| w.reply.is_none());
+            if !delivered || self.outbox.message(seq).is_some() {
+                break;
+            }
+            self.waiters.remove(seq);
+        }
+    }
+
+    /// Keeps `send`'s size check at the limit of the server connected now.
+    fn note_max_payload(&self, max_payload: usize) {
+        if self.shared.max_payload.swap(max_payload, Ordering::Relaxed) != max_payload {
+            tracing::info!(max_payload, "server max_payload");
+        }
+    }
+
+    /// A transmission of `seq` does not fit the server's `max_payload` (it shrank after the event
+    /// was accepted, across a reconnect): the event fails alone, with [`EmitError::TooLarge`];
+    /// the events after it go on. Nothing was sent.
+    fn too_large(&mut self, seq: u64, attempt: u32, size: usize, max_payload: usize) {
+        if let Some(w) = self.waiters.get_mut(seq) {
+            w.too_large = Some((size, max_payload));
+        }
+        self.outbox.handle_failure(
+            seq,
+            attempt,
+            sink_core::outbox::Failure::Terminal(sink_core::outbox::Rejection {
+                code: None,
+                reason: format!(
+                    "{size} bytes on the wire; the server's max_payload is {max_payload}"
+                ),
+            }),
+            Instant::now(),
+        );
     }
 
     fn settle_flushes(&mut self) {
@@ -943,6 +1113,9 @@ impl Driver {
             }
             async_nats::Event::Connected => {
                 tracing::info!("connected");
+                // `send` checks sizes against the server connected now; each transmit re-reads it
+                // too (the client may store the new INFO just after announcing the connection).
+                self.note_max_payload(self.client.max_payload());
                 // The breaker's reconnect delay may have grown to minutes during a long outage;
                 // the client is back now, so the probe goes at once (issue #9 item 6).
                 self.outbox.handle_reconnected(Instant::now());
@@ -1116,30 +1289,84 @@ impl Driver {
         );
     }
 
-    fn finish(&mut self) -> CloseReport {
-        let abandoned = self.outbox.abandon();
+    /// Ends the sink: takes no more commands, fails every event still owed an outcome with
+    /// `NotDelivered`, leaves the final report in [`Shared`] (every later `close` returns it) and
+    /// hands it to every caller of `close` waiting. Runs once: when the loop ends, or when the
+    /// task is dropped (runtime shutdown, a panic), so no caller waits for a report that never
+    /// comes and no accepted event goes unreported.
+    fn end(&mut self) {
+        if self.ended {
+            return;
+        }
+        self.ended = true;
+        // Mid-panic only what cannot panic: no logging.
+        let quiet = std::thread::panicking();
+        self.commands.close();
+        let mut unqueued = Vec::new();
+        while let Ok(cmd) = self.commands.try_recv() {
+            match cmd {
+                Command::Emit {
+                    message,
+                    event_id,
+                    reply,
+                    ..
+                } => {
+                    let _ = reply.send(Err(EmitError::NotDelivered {
+                        event_id: event_id.clone(),
+                        transmitted: false,
+                    }));
+                    unqueued.push((event_id, message.msg_id, false));
+                }
+                Command::Flush { reply } => {
+                    let _ = reply.send(());
+                }
+                Command::Close { reply, .. } => self.closers.push(reply),
+            }
+        }
         let mut not_delivered = Vec::new();
-        for a in abandoned {
-            if let Some(w) = self.waiters.remove(a.seq) {
+        while let Some(seq) = self.waiters.lowest() {
+            let Some(mut w) = self.waiters.remove(seq) else {
+                break;
+            };
+            // Without a reply it was delivered (held only for the order of the queue).
+            let Some(reply) = w.reply.take() else {
+                continue;
+            };
+            let transmitted = w.transmits > 0;
+            if !quiet {
                 tracing::warn!(
                     parent: &w.span,
                     ce.id = %w.event_id,
-                    transmitted = a.transmitted,
+                    transmitted,
                     "not delivered before the close deadline"
                 );
-                let _ = w.reply.send(Err(EmitError::NotDelivered {
-                    event_id: w.event_id.clone(),
-                    transmitted: a.transmitted,
-                }));
-                not_delivered.push((w.event_id, a.message.msg_id, a.transmitted));
             }
+            let _ = reply.send(Err(EmitError::NotDelivered {
+                event_id: w.event_id.clone(),
+                transmitted,
+            }));
+            not_delivered.push((w.event_id, w.msg_id, transmitted));
         }
-        self.settle_flushes();
-        CloseReport {
+        not_delivered.append(&mut self.refused_at_close);
+        not_delivered.append(&mut unqueued);
+        for (_, reply) in self.flushes.drain(..) {
+            let _ = reply.send(());
+        }
+        let report = CloseReport {
             delivered: self.delivered,
             rejected: self.rejected,
             not_delivered,
+        };
+        self.shared.final_report.send_replace(Some(report.clone()));
+        for closer in self.closers.drain(..) {
+            let _ = closer.send(report.clone());
         }
+    }
+}
+
+impl Drop for Driver {
+    fn drop(&mut self) {
+        self.end();
     }
 }
 
@@ -1240,5 +1467,81 @@ mod tests {
         );
         assert_eq!(parse_reply_subject("_INBOX.ab.x.3", "_INBOX.ab"), None);
         assert_eq!(parse_reply_subject("_INBOX.other.1.1", "_INBOX.ab"), None);
+    }
+}
+
+#[cfg(test)]
+mod size_tests {
+    use super::*;
+    use sink_core::encoding::{encode, Encoding};
+    use sink_core::event::{CloudEvent, MsgId};
+
+    fn message(encoding: Encoding) -> Message {
+        let event = CloudEvent::new("evt-1", "/svc/billing", "com.example.invoice.paid")
+            .with_time("2026-11-27T06:00:00Z")
+            .with_data_json(serde_json::json!({ "tenantId": "acme", "note": "x".repeat(40) }));
+        let wire = encode(&event, encoding).expect("valid");
+        Message {
+            subject: "cellos.events.acme.v1".into(),
+            msg_id: MsgId::for_event(&event),
+            headers: wire.headers,
+            body: wire.body,
+            key: String::new(),
+        }
+    }
+
+    /// The fullest publish (a probe that names its predecessor: `Nats-Expected-Stream` and
+    /// `Nats-Expected-Last-Msg-Id` both) is exactly the worst case `send` checks; every other
+    /// publish is smaller.
+    #[test]
+    fn worst_case_is_the_fullest_publish_exactly() {
+        let stream = "EVENTS_".to_owned() + &"L".repeat(93);
+        let predecessor = MsgId::for_event(&CloudEvent::new("evt-0", "/svc/billing", "t"));
+        for encoding in [Encoding::Structured, Encoding::Binary] {
+            let msg = message(encoding);
+            let worst = worst_case_wire_size(&msg, Some(&stream));
+            let mut fullest = base_headers(&msg, Some(&stream));
+            fullest.insert(NATS_EXPECTED_LAST_MESSAGE_ID, predecessor.as_str());
+            assert_eq!(wire_size(&fullest, msg.body.len()), worst, "{encoding:?}");
+            let chained = {
+                let mut h = base_headers(&msg, None);
+                h.insert(NATS_EXPECTED_LAST_MESSAGE_ID, predecessor.as_str());
+                h
+            };
+            for smaller in [base_headers(&msg, Some(&stream)), chained] {
+                assert!(wire_size(&smaller, msg.body.len()) < worst, "{encoding:?}");
+            }
+            // Without a stream policy no publish names the stream.
+            let unpinned = worst_case_wire_size(&msg, None);
+            assert_eq!(
+                worst - unpinned,
+                "Nats-Expected-Stream: \r\n".len() + stream.len()
+            );
+        }
+    }
+
+    /// The header block as the server reads it: `NATS/1.0\r\n`, one `Name: value\r\n` per value,
+    /// a blank line.
+    #[test]
+    fn wire_size_counts_the_header_block_as_written() {
+        let mut headers = HeaderMap::new();
+        headers.insert("A", "bc");
+        headers.insert("Nats-Msg-Id", "x");
+        let block = "NATS/1.0\r\nA: bc\r\nNats-Msg-Id: x\r\n\r\n";
+        assert_eq!(wire_size(&headers, 7), block.len() + 7);
+    }
+
+    /// Durations at their extremes saturate instead of overflowing.
+    #[test]
+    fn requirements_saturate_at_duration_max() {
+        let config = SinkConfig {
+            ack_timeout: Duration::MAX,
+            ..SinkConfig::default()
+        };
+        let subjects = Subjects::new(&config).expect("default template");
+        assert_eq!(
+            requirements(&config, &subjects).min_duplicate_window,
+            Duration::MAX
+        );
     }
 }

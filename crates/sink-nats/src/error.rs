@@ -112,15 +112,29 @@ pub enum EmitError {
         /// Why.
         error: EncodeError,
     },
-    /// The encoded event is larger than the server accepts.
-    #[error("event {event_id} is {size} bytes; the server's max_payload is {max_payload}")]
+    /// The encoded event is larger than the server accepts. Refused by `send` before it is
+    /// queued, or, when the server's limit shrank after it was accepted (a restart with a smaller
+    /// `max_payload`), when its turn to be sent came; it was never sent either way.
+    #[error("event {event_id} is {size} bytes on the wire (headers + body, with the headers the sink adds); the server's max_payload is {max_payload}: send a smaller event or raise max_payload in the server config")]
     TooLarge {
         /// The CloudEvent id.
         event_id: String,
-        /// Encoded size (headers + body).
+        /// Size as the server counts it: the header block (with `Nats-Msg-Id`,
+        /// `Nats-Expected-Stream` and `Nats-Expected-Last-Msg-Id`) plus the body.
         size: usize,
         /// The server limit.
         max_payload: usize,
+    },
+    /// The event alone needs more queue bytes than the queue's whole byte bound, so no amount of
+    /// waiting would make room for it.
+    #[error("event {event_id} needs {size} bytes of queue; the queue holds at most {max_bytes} bytes: raise the byte bound (SinkBuilder::queue_bound) or send a smaller event")]
+    ExceedsQueue {
+        /// The CloudEvent id.
+        event_id: String,
+        /// The bytes it would hold in the queue.
+        size: usize,
+        /// The queue's byte bound.
+        max_bytes: usize,
     },
     /// The queue stayed full (Reject policy, or the Block deadline passed).
     #[error("queue full ({max_events} events / {max_bytes} bytes) after waiting {waited:?}; the broker is slower than the input or unavailable")]

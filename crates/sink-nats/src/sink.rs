@@ -7,12 +7,12 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-use sink_core::backoff::{Backoff, RetrySchedule};
+use sink_core::backoff::{deadline_after, Backoff, RetrySchedule};
 use sink_core::encoding::{self, Encoding};
 use sink_core::event::{CloudEvent, MsgId};
 use sink_core::outbox::{BreakerOpenPolicy, Message, OrderingMode};
 use sink_core::stream::Violation;
-use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{mpsc, oneshot, watch, OwnedSemaphorePermit, Semaphore};
 use tracing::Instrument as _;
 
 use crate::config::{Auth, OrderingKey, SinkConfig, StreamPolicy, Tls, WhenFull};
@@ -83,7 +83,8 @@ pub struct Health {
 pub struct CloseReport {
     /// Events confirmed stored during the sink's life.
     pub delivered: u64,
-    /// Events the broker rejected.
+    /// Events that failed for good: rejected by the broker, or larger than its `max_payload` when
+    /// their turn came (each with its own error).
     pub rejected: u64,
     /// Events without confirmation when the deadline passed, in order: (CloudEvent id, message id,
     /// transmitted at least once).
@@ -107,6 +108,11 @@ pub(crate) struct Shared {
     pub last_error: Mutex<Option<String>>,
     pub stream_violations: Mutex<Vec<Violation>>,
     pub server_version: String,
+    /// The connected server's `max_payload` (the client's 1 MiB assumption before the first
+    /// connection); refreshed by the driver on every connect.
+    pub max_payload: AtomicUsize,
+    /// The report the driver left when it ended; a `close` after that returns it.
+    pub final_report: watch::Sender<Option<CloseReport>>,
 }
 
 impl Shared {
@@ -146,7 +152,8 @@ struct Inner {
     subjects: Subjects,
     encoding: Encoding,
     ordering_key: OrderingKey,
-    max_payload: usize,
+    /// The `Nats-Expected-Stream` value publishes may carry.
+    expected_stream: Option<String>,
     events: Arc<Semaphore>,
     bytes: Arc<Semaphore>,
     max_events: usize,
@@ -206,21 +213,29 @@ impl JetStreamSink {
     }
 
     /// Stops accepting events, waits up to `deadline` for the queue to drain, and reports exactly
-    /// which events were not confirmed.
+    /// which events were not confirmed. `Duration::MAX` waits for as long as it takes.
+    ///
+    /// Every call gets the same report, however many there are and whenever they come: a close
+    /// after the sink ended (an earlier close) returns at once with the report of that end.
+    /// While a close is under way, a second one with an earlier deadline ends it sooner.
     pub async fn close(&self, deadline: Duration) -> CloseReport {
         let (reply, rx) = oneshot::channel();
+        let deadline = deadline_after(Instant::now(), deadline);
         if self
             .inner
             .tx
-            .send(Command::Close {
-                deadline: Instant::now() + deadline,
-                reply,
-            })
-            .is_err()
+            .send(Command::Close { deadline, reply })
+            .is_ok()
         {
-            return CloseReport::default();
+            if let Ok(report) = rx.await {
+                return report;
+            }
         }
-        rx.await.unwrap_or_default()
+        // The driver has ended, and leaves its report behind before it stops taking commands
+        // (or, at the latest, as it is dropped).
+        let mut ended = self.inner.shared.final_report.subscribe();
+        let report = ended.wait_for(Option::is_some).await;
+        report.ok().and_then(|r| r.clone()).unwrap_or_default()
     }
 
     /// A snapshot of the sink's state.
@@ -269,36 +284,39 @@ impl JetStreamSink {
                 error,
             })?;
         let msg_id = MsgId::for_event(event);
-        let size = wire.body.len()
-            + wire
-                .headers
-                .iter()
-                .map(|(k, v)| k.len() + v.len() + 4)
-                .sum::<usize>()
-            + msg_id.as_str().len()
-            + 96; // the headers the driver adds (msg id, expected last id, stream) and framing
-        if size > inner.max_payload {
-            return Err(EmitError::TooLarge {
-                event_id: event.id.clone(),
-                size,
-                max_payload: inner.max_payload,
-            });
-        }
         let key = match inner.ordering_key {
             OrderingKey::Sink => String::new(),
             OrderingKey::Tenant => event.tenant_id().unwrap_or_default().to_owned(),
             OrderingKey::Subject => subject.clone(),
         };
-        Ok((
-            Message {
-                subject,
-                msg_id,
-                headers: wire.headers,
-                body: wire.body,
-                key,
-            },
-            event.id.clone(),
-        ))
+        let message = Message {
+            subject,
+            msg_id,
+            headers: wire.headers,
+            body: wire.body,
+            key,
+        };
+        // What the server will count, with every header any transmission of it may carry, against
+        // the limit of the server connected now (the driver refreshes it on every connect).
+        let size = driver::worst_case_wire_size(&message, inner.expected_stream.as_deref());
+        let max_payload = inner.shared.max_payload.load(Ordering::Relaxed);
+        if size > max_payload {
+            return Err(EmitError::TooLarge {
+                event_id: event.id.clone(),
+                size,
+                max_payload,
+            });
+        }
+        // A message larger than the whole byte bound would wait for room forever.
+        let queued = message.size();
+        if queued > inner.max_bytes {
+            return Err(EmitError::ExceedsQueue {
+                event_id: event.id.clone(),
+                size: queued,
+                max_bytes: inner.max_bytes,
+            });
+        }
+        Ok((message, event.id.clone()))
     }
 
     async fn admit(&self, size: usize) -> Result<Permits, EmitError> {
@@ -574,9 +592,14 @@ impl SinkBuilder {
         self.config.tls = tls;
         self
     }
-    /// Client ping interval (default 2 s).
+    /// Client ping interval (default 2 s; must be positive).
     pub fn ping_interval(mut self, interval: Duration) -> Self {
         self.config.ping_interval = interval;
+        self
+    }
+    /// Timeout of one connection attempt (default 5 s; must be positive).
+    pub fn connect_timeout(mut self, timeout: Duration) -> Self {
+        self.config.connect_timeout = timeout;
         self
     }
     /// Client connection name.
@@ -600,9 +623,10 @@ impl SinkBuilder {
             last_error: Mutex::new(None),
             stream_violations: Mutex::new(Vec::new()),
             server_version: started.server_version.clone(),
+            max_payload: AtomicUsize::new(started.max_payload),
+            final_report: watch::Sender::new(None),
         });
         let (tx, rx) = mpsc::unbounded_channel();
-        let max_payload = started.max_payload;
         driver::spawn(
             config.clone(),
             subjects.clone(),
@@ -617,7 +641,9 @@ impl SinkBuilder {
                 subjects,
                 encoding: config.encoding,
                 ordering_key: config.ordering_key,
-                max_payload,
+                // The driver sends `Nats-Expected-Stream` only with a stream policy.
+                expected_stream: (config.stream_policy != StreamPolicy::Off)
+                    .then(|| config.stream.clone()),
                 events: Arc::new(Semaphore::new(config.max_events)),
                 bytes: Arc::new(Semaphore::new(config.max_bytes)),
                 max_events: config.max_events,

@@ -629,6 +629,12 @@ impl NatsServer {
         &self.opts
     }
 
+    /// The options, to change what the next [`NatsServer::restart`] runs with (a server that comes
+    /// back with a smaller `max_payload`, say). The running process is unaffected.
+    pub fn options_mut(&mut self) -> &mut ServerOptions {
+        &mut self.opts
+    }
+
     /// The binary that runs.
     pub fn binary(&self) -> &Path {
         &self.binary
