@@ -44,6 +44,18 @@
 //! window in force ([`Outbox::window`]), once per burst; each ack grows it back by one up to the
 //! configured window. Without that, every 429 re-sent a whole window into the same full queue.
 //!
+//! A 10158 answer ("duplicate message id is in process", replicated streams) is ambiguous: the event
+//! is re-sent with the same id after a growing delay, without an episode ([`Failure::InProcess`]).
+//! A reconnect ([`Outbox::handle_reconnected`]) ends the breaker's wait at once.
+//!
+//! # State
+//!
+//! Each entry has its own state (pending, in flight with its attempt, acked). The machine as a
+//! whole has a *gate* (open, retry at an instant, hold behind one event) that every transmission
+//! passes, and a *scheduler* per ordering mode that carries only that mode's data (the chain's
+//! anchor and re-anchor flag and its memory of recent ids; the per-key locks) and picks the next
+//! event. A new ordering mode is a new scheduler variant.
+//!
 //! Entries keep only what a persistent spool needs: a local sequence, the message (with its stable
 //! message id) and the unix millis it was accepted at. No `Instant` is stored in an entry.
 
@@ -444,6 +456,89 @@ pub struct Abandoned {
     pub transmitted: bool,
 }
 
+/// What holds every transmission back, whatever the ordering mode.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Gate {
+    /// Nothing: transmit up to the window.
+    Open,
+    /// A failure episode (or an "in process" answer): nothing goes out before this instant.
+    RetryAt(Instant),
+    /// Chained: nothing goes out until this event's transmission is answered (or no longer in
+    /// flight). A retry delay takes precedence over a hold.
+    HoldBehind(EventSeq),
+}
+
+/// How the next event to send is chosen, with the state only that mode needs. A new ordering mode
+/// is a new variant here and in [`Outbox::find_sendable`] / [`Outbox::next_transmit`].
+#[derive(Debug)]
+enum Scheduler {
+    /// Pipelined, each publish naming its predecessor's id.
+    Chained(Chain),
+    /// One publish in flight per ordering key.
+    PerKeySerial(KeyLocks),
+    /// Pipelined, no order under faults.
+    Unordered,
+}
+
+/// Chained mode's state.
+#[derive(Debug, Default)]
+struct Chain {
+    /// The last event released after an ack that moved the stream's last id: what the first held
+    /// event follows.
+    anchor: Option<Anchor>,
+    /// The first event not yet stored goes next without an expected-last id, and nothing after it
+    /// until it is answered. Set whenever the stream's last id is not known to be our
+    /// predecessor's while every earlier event is stored: after a failure episode or a
+    /// reconnect (a restart makes the stream forget its last id; on a replicated stream a failed
+    /// check is worse, see `crate::capability`), and when the broker named a last id the chain
+    /// cannot follow.
+    reanchor: bool,
+    /// Stream sequence of the newest message this sink stored: the stream's tail as far as this
+    /// sink can tell.
+    tail_seq: Option<u64>,
+    /// That message's id.
+    tail_id: Option<MsgId>,
+    /// Recent message ids, to recognise re-emitted events.
+    recent: RecentIds,
+}
+
+/// The chain's anchor.
+#[derive(Debug, Clone)]
+struct Anchor {
+    id: MsgId,
+    /// Its ack said `duplicate` (see [`EntryState::Acked`]).
+    dup: bool,
+}
+
+/// Per-key-serial mode's state.
+#[derive(Debug, Default)]
+struct KeyLocks {
+    /// Publishes in flight per key.
+    in_flight: HashMap<String, usize>,
+    /// Pending entries per key, so a scan can stop once every key with pending entries is blocked.
+    pending: HashMap<String, usize>,
+}
+
+impl KeyLocks {
+    fn add(map: &mut HashMap<String, usize>, key: &str) {
+        match map.get_mut(key) {
+            Some(n) => *n += 1,
+            None => {
+                map.insert(key.to_owned(), 1);
+            }
+        }
+    }
+
+    fn remove(map: &mut HashMap<String, usize>, key: &str) {
+        if let Some(n) = map.get_mut(key) {
+            *n -= 1;
+            if *n == 0 {
+                map.remove(key);
+            }
+        }
+    }
+}
+
 /// Scans for a sendable entry stop after this many entries past the cursor (per-key-serial mode), so
 /// one blocked key at the head of a long queue costs bounded work per poll.
 const SCAN_LIMIT: usize = 4096;
@@ -455,44 +550,19 @@ pub const RESERVE_LIMIT: usize = 1 << 17;
 #[derive(Debug)]
 pub struct Outbox {
     config: OutboxConfig,
-    ordering: OrderingMode,
+    scheduler: Scheduler,
+    gate: Gate,
     entries: VecDeque<Entry>,
     bytes: usize,
     next_seq: EventSeq,
     /// Index into `entries` of the first entry that may be pending.
     cursor: usize,
     in_flight: usize,
-    in_flight_keys: HashMap<String, usize>,
-    /// Per-key-serial mode only: pending entries per key, so a scan can stop once every key
-    /// with pending entries is blocked.
-    pending_keys: HashMap<String, usize>,
-    /// Id of the last entry removed after its ack: the chain's anchor.
-    anchor: Option<MsgId>,
     /// Ack deadlines in transmission order (lazily cleaned).
     timers: VecDeque<(Instant, EventSeq, u32)>,
-    /// No transmission before this (retry delay).
-    resume_at: Option<Instant>,
-    /// Chained mode: transmission waits until this event is acked.
-    hold_behind: Option<EventSeq>,
-    /// Chained mode: send this event once without an expected-last id, and nothing after it until
-    /// it is answered. Used whenever the stream's last id is not known to be our predecessor's
-    /// while every earlier event is stored: after a failure episode (a restart may have made the
-    /// stream forget its last id) and when the broker named a last id the chain cannot follow.
-    reanchor: Option<EventSeq>,
-    /// Chained mode: the connection was lost (even with nothing in flight), so the stream may have
-    /// restarted and forgotten its last id: the next event sent while every earlier one is stored
-    /// is re-anchored.
-    reanchor_next: bool,
     retries: u32,
     /// Consecutive "in process" (10158) answers since the last ack, for the re-send delay.
     in_process_retries: u32,
-    /// Stream sequence of the newest message this sink knows it stored: the stream's tail as far
-    /// as this sink can tell.
-    tail_seq: Option<u64>,
-    /// Whether the anchor was confirmed by a `duplicate` ack (see [`EntryState::Acked`]).
-    anchor_dup: bool,
-    /// Chained mode: recent message ids, to recognise re-emitted events.
-    recent: RecentIds,
     breaker: Breaker,
     outputs: VecDeque<Output>,
     /// The window in force: `config.window`, less after overload (see [`Failure::Overloaded`]).
@@ -503,13 +573,37 @@ pub struct Outbox {
     shrink_mark: u64,
 }
 
+impl Scheduler {
+    fn for_mode(mode: OrderingMode) -> Self {
+        match mode {
+            // The stream's last id is unknown until the first ack (it may even be a re-emit of
+            // the stream's last message from an earlier run): the first event goes alone.
+            OrderingMode::Chained => Scheduler::Chained(Chain {
+                reanchor: true,
+                ..Chain::default()
+            }),
+            OrderingMode::PerKeySerial => Scheduler::PerKeySerial(KeyLocks::default()),
+            OrderingMode::Unordered => Scheduler::Unordered,
+        }
+    }
+
+    fn mode(&self) -> OrderingMode {
+        match self {
+            Scheduler::Chained(_) => OrderingMode::Chained,
+            Scheduler::PerKeySerial(_) => OrderingMode::PerKeySerial,
+            Scheduler::Unordered => OrderingMode::Unordered,
+        }
+    }
+}
+
 impl Outbox {
     /// A new, empty outbox.
     pub fn new(config: OutboxConfig) -> Result<Self, ConfigError> {
         config.validate()?;
         let reserve = config.max_events.min(RESERVE_LIMIT);
         Ok(Self {
-            ordering: config.ordering,
+            scheduler: Scheduler::for_mode(config.ordering),
+            gate: Gate::Open,
             breaker: Breaker::new(config.breaker.clone()),
             window: config.window,
             config,
@@ -520,19 +614,9 @@ impl Outbox {
             next_seq: 1,
             cursor: 0,
             in_flight: 0,
-            in_flight_keys: HashMap::new(),
-            pending_keys: HashMap::new(),
-            anchor: None,
             timers: VecDeque::new(),
-            resume_at: None,
-            hold_behind: None,
-            reanchor: None,
-            reanchor_next: false,
             retries: 0,
             in_process_retries: 0,
-            tail_seq: None,
-            anchor_dup: false,
-            recent: RecentIds::default(),
             outputs: VecDeque::new(),
             next_tx: 0,
             shrink_mark: 0,
@@ -546,7 +630,7 @@ impl Outbox {
 
     /// The ordering mode in force (may differ from the config after a fallback).
     pub fn ordering(&self) -> OrderingMode {
-        self.ordering
+        self.scheduler.mode()
     }
 
     /// Events held (queued, in flight, or acked but not yet released behind an earlier one).
@@ -623,7 +707,16 @@ impl Outbox {
         self.next_seq += 1;
         self.bytes += size;
         // Only chaining needs to know: elsewhere a duplicate answer changes nothing.
-        let reemit = self.ordering == OrderingMode::Chained && self.recent.record(&message.msg_id);
+        let reemit = match &mut self.scheduler {
+            // The stream's newest message of ours counts even when it is older than the memory:
+            // a successor chained to a re-emit of it would pass the check before anything the
+            // re-emit was queued behind.
+            Scheduler::Chained(chain) => {
+                let newest = chain.tail_id.as_ref() == Some(&message.msg_id);
+                chain.recent.record(&message.msg_id) || newest
+            }
+            _ => false,
+        };
         self.entries.push_back(Entry {
             seq,
             message,
@@ -655,7 +748,11 @@ impl Outbox {
     /// [`handle_timeout`](Self::handle_timeout) are harmless.
     pub fn poll_timeout(&self) -> Option<Instant> {
         let mut next = self.timers.front().map(|t| t.0);
-        for t in [self.resume_at, self.breaker.poll_timeout()]
+        let retry_at = match self.gate {
+            Gate::RetryAt(at) => Some(at),
+            _ => None,
+        };
+        for t in [retry_at, self.breaker.poll_timeout()]
             .into_iter()
             .flatten()
         {
@@ -666,8 +763,8 @@ impl Outbox {
 
     /// The clock reached (or passed) a deadline.
     pub fn handle_timeout(&mut self, now: Instant) {
-        if self.resume_at.is_some_and(|t| now >= t) {
-            self.resume_at = None;
+        if matches!(self.gate, Gate::RetryAt(at) if now >= at) {
+            self.gate = Gate::Open;
         }
         if let Some(event) = self.breaker.handle(BreakerInput::Timeout, now) {
             self.outputs.push_back(Output::Breaker(event));
@@ -696,10 +793,22 @@ impl Outbox {
         // sequence and leaves the stream's last id alone: the chain goes on from this id only
         // if that original is the newest message this sink knows of (a retry whose first ack was
         // lost), not when it is older (a re-emitted event).
-        let links = !ack.duplicate || self.tail_seq.is_none_or(|t| ack.sequence > t);
-        if links {
-            self.tail_seq = Some(ack.sequence);
-        }
+        // A `duplicate` answer can only be trusted as the stream's end when nothing of ours
+        // before it is missing: a re-emit's original may sit in the stream before events this
+        // sink has not stored yet, and a successor chained to it would overtake them.
+        let all_before_stored = ack.duplicate && self.all_before_acked(i);
+        let links = match &mut self.scheduler {
+            Scheduler::Chained(chain) => {
+                let links = !ack.duplicate
+                    || (all_before_stored && chain.tail_seq.is_none_or(|t| ack.sequence > t));
+                if links {
+                    chain.tail_seq = Some(ack.sequence);
+                    chain.tail_id = Some(self.entries[i].message.msg_id.clone());
+                }
+                links
+            }
+            _ => true,
+        };
         self.entries[i].state = EntryState::Acked {
             links,
             dup: ack.duplicate,
@@ -709,9 +818,7 @@ impl Outbox {
         if self.window < self.config.window {
             self.window += 1;
         }
-        if self.hold_behind == Some(seq) {
-            self.hold_behind = None;
-        }
+        self.release_hold_on(seq);
         if let Some(event) = self.breaker.handle(BreakerInput::Success, now) {
             self.outputs.push_back(Output::Breaker(event));
         }
@@ -749,8 +856,8 @@ impl Outbox {
     /// The connection dropped: every in-flight publish is in doubt. One failure episode.
     pub fn handle_connection_lost(&mut self, now: Instant) {
         // Even an idle sink must not trust the stream's last id after this: a restart forgets it,
-        // and on a replicated stream (2.11+) a chained publish failing on it would block its id.
-        self.reanchor_next = true;
+        // and on a replicated stream a failed expected-last check is far worse than a re-anchor.
+        self.set_reanchor();
         let Some(first) = self
             .entries
             .iter()
@@ -777,8 +884,11 @@ impl Outbox {
     /// probe goes out now instead of at the end of a reconnect backoff that may be minutes long;
     /// a pending retry delay ends too.
     pub fn handle_reconnected(&mut self, now: Instant) {
-        self.resume_at = None;
-        self.reanchor_next = true;
+        // No re-anchor here: the first connection is no reason for one, and every reconnect
+        // follows a `handle_connection_lost`, which sets it.
+        if let Gate::RetryAt(_) = self.gate {
+            self.gate = Gate::Open;
+        }
         if let Some(event) = self.breaker.handle(BreakerInput::Reconnected, now) {
             self.outputs.push_back(Output::Breaker(event));
         }
@@ -801,12 +911,51 @@ impl Outbox {
         self.bytes = 0;
         self.cursor = 0;
         self.in_flight = 0;
-        self.in_flight_keys.clear();
-        self.pending_keys.clear();
+        if let Scheduler::PerKeySerial(locks) = &mut self.scheduler {
+            *locks = KeyLocks::default();
+        }
+        if let Scheduler::Chained(chain) = &mut self.scheduler {
+            chain.reanchor = false;
+        }
         self.timers.clear();
-        self.hold_behind = None;
-        self.reanchor = None;
+        self.gate = Gate::Open;
         out
+    }
+
+    /// Chained mode: re-anchor the first event not yet stored (see [`Chain::reanchor`]).
+    fn set_reanchor(&mut self) {
+        if let Scheduler::Chained(chain) = &mut self.scheduler {
+            chain.reanchor = true;
+        }
+    }
+
+    /// Chained mode: transmission waits for `seq`'s answer, unless a retry delay is running.
+    fn hold_behind(&mut self, seq: EventSeq) {
+        if !matches!(self.gate, Gate::RetryAt(_)) {
+            self.gate = Gate::HoldBehind(seq);
+        }
+    }
+
+    /// Ends a hold, whichever event it waits for.
+    fn release_hold(&mut self) {
+        if let Gate::HoldBehind(_) = self.gate {
+            self.gate = Gate::Open;
+        }
+    }
+
+    /// Ends a hold that waits for `seq`.
+    fn release_hold_on(&mut self, seq: EventSeq) {
+        if self.gate == Gate::HoldBehind(seq) {
+            self.gate = Gate::Open;
+        }
+    }
+
+    /// A retry delay until `at` (the later of two, if one runs already).
+    fn retry_at(&mut self, at: Instant) {
+        self.gate = match self.gate {
+            Gate::RetryAt(t) => Gate::RetryAt(t.max(at)),
+            _ => Gate::RetryAt(at),
+        };
     }
 
     fn index_of(&self, seq: EventSeq) -> Option<usize> {
@@ -830,12 +979,8 @@ impl Outbox {
 
     fn release_flight(&mut self, i: usize) {
         self.in_flight -= 1;
-        let key = &self.entries[i].message.key;
-        if let Some(n) = self.in_flight_keys.get_mut(key) {
-            *n -= 1;
-            if *n == 0 {
-                self.in_flight_keys.remove(key);
-            }
+        if let Scheduler::PerKeySerial(locks) = &mut self.scheduler {
+            KeyLocks::remove(&mut locks.in_flight, &self.entries[i].message.key);
         }
     }
 
@@ -858,39 +1003,15 @@ impl Outbox {
 
     /// Entry `i` became pending.
     fn pending_enter(&mut self, i: usize) {
-        if self.ordering != OrderingMode::PerKeySerial {
-            return;
-        }
-        let key = &self.entries[i].message.key;
-        match self.pending_keys.get_mut(key) {
-            Some(n) => *n += 1,
-            None => {
-                self.pending_keys.insert(key.clone(), 1);
-            }
+        if let Scheduler::PerKeySerial(locks) = &mut self.scheduler {
+            KeyLocks::add(&mut locks.pending, &self.entries[i].message.key);
         }
     }
 
     /// Entry `i` stops being pending.
     fn pending_leave(&mut self, i: usize) {
-        if self.ordering != OrderingMode::PerKeySerial {
-            return;
-        }
-        let key = &self.entries[i].message.key;
-        if let Some(n) = self.pending_keys.get_mut(key) {
-            *n -= 1;
-            if *n == 0 {
-                self.pending_keys.remove(key);
-            }
-        }
-    }
-
-    /// Recounts pending entries per key (after a switch to per-key-serial).
-    fn rebuild_pending_keys(&mut self) {
-        self.pending_keys.clear();
-        for i in 0..self.entries.len() {
-            if self.entries[i].state == EntryState::Pending {
-                self.pending_enter(i);
-            }
+        if let Scheduler::PerKeySerial(locks) = &mut self.scheduler {
+            KeyLocks::remove(&mut locks.pending, &self.entries[i].message.key);
         }
     }
 
@@ -898,9 +1019,13 @@ impl Outbox {
         while self.entries.front().is_some_and(|e| e.state.is_acked()) {
             let e = self.entries.pop_front().expect("front exists");
             self.bytes -= e.message.size();
-            if let EntryState::Acked { links: true, dup } = e.state {
-                self.anchor = Some(e.message.msg_id);
-                self.anchor_dup = dup;
+            if let (EntryState::Acked { links: true, dup }, Scheduler::Chained(chain)) =
+                (e.state, &mut self.scheduler)
+            {
+                chain.anchor = Some(Anchor {
+                    id: e.message.msg_id,
+                    dup,
+                });
             }
             self.cursor = self.cursor.saturating_sub(1);
         }
@@ -926,7 +1051,10 @@ impl Outbox {
             }
             j -= 1;
         }
-        self.anchor.clone()
+        match &self.scheduler {
+            Scheduler::Chained(chain) => chain.anchor.as_ref().map(|a| a.id.clone()),
+            _ => None,
+        }
     }
 
     /// Whether the stream's last id may legitimately differ from [`predecessor_id`](Self::predecessor_id)
@@ -934,7 +1062,10 @@ impl Outbox {
     /// answer, or re-emitted events were skipped. A mismatch is then no evidence of another writer.
     fn link_uncertain(&self, i: usize) -> bool {
         match i.checked_sub(1).map(|j| self.entries[j].state) {
-            None => self.anchor_dup,
+            None => match &self.scheduler {
+                Scheduler::Chained(chain) => chain.anchor.as_ref().is_some_and(|a| a.dup),
+                _ => false,
+            },
             Some(EntryState::Acked { links: false, .. }) => true,
             Some(EntryState::Acked { dup, .. }) => dup,
             Some(_) => false,
@@ -948,8 +1079,8 @@ impl Outbox {
 
     /// Turns in-flight entries back into pending: from index `from` on (chained), or only `from`.
     fn rewind(&mut self, from: usize) {
-        let end = match self.ordering {
-            OrderingMode::Chained => self.entries.len(),
+        let end = match self.scheduler {
+            Scheduler::Chained(_) => self.entries.len(),
             _ => from + 1,
         };
         for i in from..end {
@@ -965,8 +1096,10 @@ impl Outbox {
     /// A failure episode for the event `seq`: rewind, then wait or trip the breaker.
     fn fail(&mut self, seq: EventSeq, reason: String, now: Instant) {
         let Some(i) = self.index_of(seq) else { return };
-        self.hold_behind = None;
-        self.reanchor = None;
+        self.release_hold();
+        if let Scheduler::Chained(chain) = &mut self.scheduler {
+            chain.reanchor = false;
+        }
         let probe = matches!(
             self.breaker.state(),
             BreakerState::HalfOpen {
@@ -989,7 +1122,7 @@ impl Outbox {
         match self.config.retry.delay(self.retries) {
             Some(delay) => {
                 self.retries += 1;
-                self.resume_at = Some(deadline_after(now, delay));
+                self.retry_at(deadline_after(now, delay));
                 self.outputs.push_back(Output::Retrying {
                     seq,
                     retry: self.retries,
@@ -999,7 +1132,9 @@ impl Outbox {
             }
             None => {
                 self.retries = 0;
-                self.resume_at = None;
+                if let Gate::RetryAt(_) = self.gate {
+                    self.gate = Gate::Open;
+                }
                 if let Some(event) = self.breaker.handle(BreakerInput::Failure, now) {
                     self.outputs.push_back(Output::Breaker(event));
                 }
@@ -1013,11 +1148,8 @@ impl Outbox {
     /// may have lost a publish). Chaining it would risk a 10070 that, on a replicated stream
     /// (2.11+), blocks its id as "in process" for the whole duplicate window.
     fn reanchor_if_first(&mut self, i: usize) {
-        if self.ordering == OrderingMode::Chained
-            && i < self.entries.len()
-            && self.all_before_acked(i)
-        {
-            self.reanchor = Some(self.entries[i].seq);
+        if i < self.entries.len() && self.all_before_acked(i) {
+            self.set_reanchor();
         }
     }
 
@@ -1033,8 +1165,7 @@ impl Outbox {
             .saturating_mul(1u32 << self.in_process_retries.min(8))
             .min(IN_PROCESS_MAX_DELAY);
         self.in_process_retries = self.in_process_retries.saturating_add(1);
-        let at = deadline_after(now, delay);
-        self.resume_at = Some(self.resume_at.map_or(at, |r| r.max(at)));
+        self.retry_at(deadline_after(now, delay));
         self.outputs.push_back(Output::Retrying {
             seq,
             retry: self.in_process_retries,
@@ -1055,12 +1186,10 @@ impl Outbox {
         }
         // Successors were chained to the rejected id; re-link them (no episode: nothing is wrong
         // with the broker). Their old transmissions fail with 10070 and are ignored as stale.
-        if self.ordering == OrderingMode::Chained && i < self.entries.len() {
+        if matches!(self.scheduler, Scheduler::Chained(_)) && i < self.entries.len() {
             self.rewind(i);
         }
-        if self.hold_behind == Some(seq) {
-            self.hold_behind = None;
-        }
+        self.release_hold_on(seq);
         self.release_acked_prefix();
         self.drop_stale_timers();
         self.outputs.push_back(Output::Rejected { seq, rejection });
@@ -1086,7 +1215,7 @@ impl Outbox {
             let pred = self.entries[j].seq;
             self.rewind(i);
             self.drop_stale_timers();
-            self.hold_behind = Some(pred);
+            self.hold_behind(pred);
             self.broker_answered(now);
             return;
         }
@@ -1098,7 +1227,8 @@ impl Outbox {
         // its last id: those events are stored a second time (RELIABILITY.md F3 allows copies
         // beyond the window) and nothing is stored out of order. Failing instead would retry
         // the same answer forever.
-        if self.ordering == OrderingMode::Chained {
+        let chained = matches!(self.scheduler, Scheduler::Chained(_));
+        if chained {
             let link = self.predecessor_id(i);
             if actual.is_some() && actual.as_deref() == link.as_ref().map(MsgId::as_str) {
                 // The stream's last message is the one this event now follows: a re-emitted
@@ -1106,7 +1236,7 @@ impl Outbox {
                 // it with the right link; nothing is wrong with the broker.
                 self.rewind(i);
                 self.drop_stale_timers();
-                self.hold_behind = None;
+                self.release_hold();
                 self.broker_answered(now);
                 return;
             }
@@ -1116,23 +1246,20 @@ impl Outbox {
                 // being older than the tail). Everything before this event is stored: re-anchor.
                 self.rewind(i);
                 self.drop_stale_timers();
-                self.hold_behind = None;
-                self.reanchor = Some(seq);
+                self.release_hold();
+                self.set_reanchor();
                 self.broker_answered(now);
                 return;
             }
         }
-        let later_of_ours = self.ordering == OrderingMode::Chained
+        let later_of_ours = chained
             && actual.as_deref().is_some_and(|a| {
                 self.entries
                     .iter()
                     .skip(i + 1)
                     .any(|e| e.message.msg_id.as_str() == a)
             });
-        if later_of_ours
-            || (actual.as_deref().is_none_or(str::is_empty)
-                && self.ordering == OrderingMode::Chained)
-        {
+        if later_of_ours || (actual.as_deref().is_none_or(str::is_empty) && chained) {
             // The predecessor is stored but the stream reports no last id (it does not keep it
             // across a restart): nothing can be out of order before this event, so send it once
             // without the check to re-anchor the chain.
@@ -1140,16 +1267,16 @@ impl Outbox {
             // rewind above made every hold from here on obsolete, and this event must go next.
             self.rewind(i);
             self.drop_stale_timers();
-            self.hold_behind = None;
-            self.reanchor = Some(seq);
+            self.release_hold();
+            self.set_reanchor();
             self.broker_answered(now);
             return;
         }
         let ours = actual.as_deref().is_some_and(|a| {
             self.entries.iter().any(|e| e.message.msg_id.as_str() == a)
-                || self.anchor.as_ref().is_some_and(|m| m.as_str() == a)
+                || self.predecessor_id(0).is_some_and(|m| m.as_str() == a)
         });
-        if ours || self.ordering != OrderingMode::Chained {
+        if ours || !chained {
             self.fail(seq, format!("wrong last msg id {actual:?}"), now);
             return;
         }
@@ -1167,12 +1294,11 @@ impl Outbox {
     /// when the stream makes chaining unsafe (see [`crate::capability::chaining_hazard`]); the
     /// outbox itself when another writer shows up.
     pub fn use_per_key_serial(&mut self, reason: String) {
-        if self.ordering != OrderingMode::Chained {
+        if !matches!(self.scheduler, Scheduler::Chained(_)) {
             return;
         }
-        self.ordering = OrderingMode::PerKeySerial;
-        self.hold_behind = None;
-        self.reanchor = None;
+        self.scheduler = Scheduler::PerKeySerial(KeyLocks::default());
+        self.release_hold();
         let first_unacked = self
             .entries
             .iter()
@@ -1185,7 +1311,11 @@ impl Outbox {
             }
         }
         self.cursor = self.cursor.min(first_unacked);
-        self.rebuild_pending_keys();
+        for j in 0..self.entries.len() {
+            if self.entries[j].state == EntryState::Pending {
+                self.pending_enter(j);
+            }
+        }
         self.drop_stale_timers();
         self.outputs.push_back(Output::OrderingFallback {
             to: OrderingMode::PerKeySerial,
@@ -1194,17 +1324,15 @@ impl Outbox {
     }
 
     fn next_transmit(&mut self, now: Instant) -> Option<Transmit> {
-        // A hold waits for the predecessor's answer. Once that transmission is no longer in flight
-        // (rewound by a rejection or a re-anchor, acked, or gone) there is nothing left to wait for,
-        // and the predecessor itself may need re-sending.
-        if self
-            .hold_behind
-            .is_some_and(|h| self.in_flight_attempt(h).is_none())
-        {
-            self.hold_behind = None;
-        }
-        if self.resume_at.is_some_and(|t| now < t) || self.hold_behind.is_some() {
-            return None;
+        match self.gate {
+            Gate::Open => {}
+            Gate::RetryAt(at) if now >= at => self.gate = Gate::Open,
+            Gate::RetryAt(_) => return None,
+            // A hold waits for the predecessor's answer. Once that transmission is no longer in
+            // flight (rewound by a rejection or a re-anchor, acked, or gone) there is nothing
+            // left to wait for, and the predecessor itself may need re-sending.
+            Gate::HoldBehind(h) if self.in_flight_attempt(h).is_none() => self.gate = Gate::Open,
+            Gate::HoldBehind(_) => return None,
         }
         let probe = match self.breaker.admission() {
             Admission::Nothing => return None,
@@ -1218,21 +1346,18 @@ impl Outbox {
         let seq = self.entries[i].seq;
         // A re-anchored event and a re-emitted one are answered in a way the next event's link
         // depends on (stored or not; `duplicate` or not): nothing follows them until then.
-        let reanchor_here = self.reanchor == Some(seq)
-            || (self.reanchor_next
-                && self.ordering == OrderingMode::Chained
-                && self.all_before_acked(i));
-        let (expected_last_msg_id, hold) = match self.ordering {
-            OrderingMode::Chained if reanchor_here => {
-                self.reanchor = None;
-                self.reanchor_next = false;
+        let reanchor_here = matches!(&self.scheduler, Scheduler::Chained(c) if c.reanchor)
+            && self.all_before_acked(i);
+        let (expected_last_msg_id, hold) = match &mut self.scheduler {
+            Scheduler::Chained(chain) if reanchor_here => {
+                chain.reanchor = false;
                 (None, true)
             }
-            OrderingMode::Chained => (self.predecessor_id(i), self.entries[i].reemit),
+            Scheduler::Chained(_) => (self.predecessor_id(i), self.entries[i].reemit),
             _ => (None, false),
         };
         if hold {
-            self.hold_behind = Some(seq);
+            self.gate = Gate::HoldBehind(seq);
         }
         self.pending_leave(i);
         let entry = &mut self.entries[i];
@@ -1243,11 +1368,8 @@ impl Outbox {
             tx: self.next_tx,
         };
         self.next_tx += 1;
-        match self.in_flight_keys.get_mut(&entry.message.key) {
-            Some(n) => *n += 1,
-            None => {
-                self.in_flight_keys.insert(entry.message.key.clone(), 1);
-            }
+        if let Scheduler::PerKeySerial(locks) = &mut self.scheduler {
+            KeyLocks::add(&mut locks.in_flight, &entry.message.key);
         }
         self.in_flight += 1;
         self.timers
@@ -1271,27 +1393,25 @@ impl Outbox {
         {
             self.cursor += 1;
         }
-        match self.ordering {
-            OrderingMode::Chained | OrderingMode::Unordered => {
+        match &self.scheduler {
+            Scheduler::Chained(_) | Scheduler::Unordered => {
                 (self.cursor < self.entries.len()).then_some(self.cursor)
             }
-            OrderingMode::PerKeySerial => {
+            Scheduler::PerKeySerial(locks) => {
                 let mut blocked: Vec<&str> = Vec::new();
                 let end = self.entries.len().min(self.cursor + SCAN_LIMIT);
                 for i in self.cursor..end {
                     let e = &self.entries[i];
                     let key = e.message.key.as_str();
-                    if e.state == EntryState::Pending
-                        && !self.in_flight_keys.contains_key(key)
-                        && !blocked.contains(&key)
-                    {
+                    if e.state != EntryState::Pending || blocked.contains(&key) {
+                        continue;
+                    }
+                    if !locks.in_flight.contains_key(key) {
                         return Some(i);
                     }
-                    if e.state == EntryState::Pending && !blocked.contains(&key) {
-                        blocked.push(key);
-                        if blocked.len() >= self.pending_keys.len() {
-                            break; // every key with pending events waits for its ack
-                        }
+                    blocked.push(key);
+                    if blocked.len() >= locks.pending.len() {
+                        break; // every key with pending events waits for its ack
                     }
                 }
                 None
