@@ -152,6 +152,8 @@ struct Inner {
     subjects: Subjects,
     encoding: Encoding,
     ordering_key: OrderingKey,
+    /// The tenant token of events without one (their per-tenant ordering key, as their subject).
+    default_tenant: String,
     /// The `Nats-Expected-Stream` value publishes may carry.
     expected_stream: Option<String>,
     events: Arc<Semaphore>,
@@ -286,7 +288,12 @@ impl JetStreamSink {
         let msg_id = MsgId::for_event(event);
         let key = match inner.ordering_key {
             OrderingKey::Sink => String::new(),
-            OrderingKey::Tenant => event.tenant_id().unwrap_or_default().to_owned(),
+            // An event without a tenant renders to the default token (or was refused above), so
+            // it is ordered with the events that name that tenant explicitly.
+            OrderingKey::Tenant => event
+                .tenant_id()
+                .unwrap_or(&inner.default_tenant)
+                .to_owned(),
             OrderingKey::Subject => subject.clone(),
         };
         let message = Message {
@@ -641,6 +648,7 @@ impl SinkBuilder {
                 subjects,
                 encoding: config.encoding,
                 ordering_key: config.ordering_key,
+                default_tenant: config.default_tenant.clone(),
                 // The driver sends `Nats-Expected-Stream` only with a stream policy.
                 expected_stream: (config.stream_policy != StreamPolicy::Off)
                     .then(|| config.stream.clone()),
