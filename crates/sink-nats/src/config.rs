@@ -6,37 +6,10 @@ use std::time::Duration;
 
 use sink_core::backoff::{Backoff, RetrySchedule};
 use sink_core::encoding::Encoding;
-use sink_core::outbox::{BreakerOpenPolicy, OrderingMode};
+use sink_core::outbox::{BreakerOpenPolicy, OrderingMode, OutboxConfig};
 
+use crate::secret::Secret;
 use crate::server_url::redact_url;
-
-/// A secret string (token, password, nkey seed). Its `Debug` and `Display` never show the value.
-#[derive(Clone, PartialEq, Eq)]
-pub struct Secret(String);
-
-impl Secret {
-    /// Wraps a secret.
-    pub fn new(value: impl Into<String>) -> Self {
-        Self(value.into())
-    }
-
-    /// The value, for handing to the client library only.
-    pub fn expose(&self) -> &str {
-        &self.0
-    }
-}
-
-impl fmt::Debug for Secret {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("Secret(***)")
-    }
-}
-
-impl fmt::Display for Secret {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("***")
-    }
-}
 
 /// How the sink authenticates.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -212,6 +185,26 @@ impl fmt::Debug for SinkConfig {
             .field("ping_interval", &self.ping_interval)
             .field("connect_timeout", &self.connect_timeout)
             .finish()
+    }
+}
+
+impl SinkConfig {
+    /// The outbox's share of the config: one failure opens the breaker, whose probes follow the
+    /// reconnect backoff.
+    pub(crate) fn outbox_config(&self) -> OutboxConfig {
+        OutboxConfig {
+            window: self.window,
+            max_events: self.max_events,
+            max_bytes: self.max_bytes,
+            ordering: self.ordering,
+            ack_timeout: self.ack_timeout,
+            retry: self.retry.clone(),
+            breaker: sink_core::breaker::BreakerConfig {
+                failures_to_open: 1,
+                reconnect: self.reconnect.clone(),
+            },
+            when_breaker_open: self.when_breaker_open,
+        }
     }
 }
 

@@ -38,39 +38,48 @@
 /// Read a stream back and compare it with what a sink reported (`jetsink audit`, `jetsink demo`).
 pub mod audit;
 mod classify;
+mod clock;
 mod config;
+mod connect;
 mod driver;
 mod error;
 mod facts;
+mod handle;
 mod metrics;
+mod provision;
+mod secret;
 mod server_url;
 mod sink;
 mod stream_watch;
 mod subjects;
+pub mod transport;
+mod waiters;
+mod wire;
 
 /// The seed's `cellos_core::ports::EventSink`, implemented for [`JetStreamSink`].
 #[cfg(feature = "cellos")]
 pub mod cellos;
 
 pub use classify::{classify, classify_api_error, parse_wrong_last_id, Verdict};
-pub use config::{Auth, OrderingKey, Secret, SinkConfig, StreamPolicy, Tls, WhenFull};
+pub use config::{Auth, OrderingKey, SinkConfig, StreamPolicy, Tls, WhenFull};
 pub use error::{EmitError, StartError};
 pub use facts::{facts_from_json, new_stream_config, read_stream_facts, StreamInfoError};
+pub use handle::{BreakerStatus, CloseReport, Health, Receipt};
+pub use secret::Secret;
 pub use server_url::{redact_url, ServerUrl, UrlError};
-pub use sink::{
-    BreakerStatus, CloseReport, EventSink, Health, JetStreamSink, Pending, Receipt, SinkBuilder,
-};
+pub use sink::{EventSink, JetStreamSink, Pending, SinkBuilder};
 pub use sink_core;
 pub use sink_core::encoding::Encoding;
 pub use sink_core::outbox::{BreakerOpenPolicy, OrderingMode};
+pub use transport::{Transport, TransportError};
 
 /// Connects a plain async-nats client with the sink's connection settings (auth, TLS, timeouts),
 /// for tools that need the JetStream API directly (the CLI's `stream` and `audit`).
 pub async fn connect_client(config: &SinkConfig) -> Result<async_nats::Client, StartError> {
-    let opts = driver::connect_options(config).await?;
-    opts.connect(driver::server_addrs(config)?)
+    let opts = connect::connect_options(config).await?;
+    opts.connect(connect::server_addrs(config)?)
         .await
-        .map_err(|e| driver::connect_error(&e, config))
+        .map_err(|e| connect::connect_error(&e, config))
 }
 
 /// The stream requirements a sink with this config verifies (for `jetsink stream verify`).
@@ -78,7 +87,7 @@ pub fn stream_requirements(
     config: &SinkConfig,
 ) -> Result<sink_core::stream::StreamRequirements, StartError> {
     let subjects = subjects::Subjects::new(config)?;
-    Ok(driver::requirements(config, &subjects))
+    Ok(provision::requirements(config, &subjects))
 }
 
 /// The subject rules a sink with this config applies (template, token rule, default or

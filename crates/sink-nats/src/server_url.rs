@@ -30,7 +30,7 @@ use std::fmt;
 use async_nats::ServerAddr;
 use percent_encoding::percent_decode_str;
 
-use crate::config::Secret;
+use crate::secret::Secret;
 
 /// Schemes the client dials.
 const SCHEMES: [&str; 4] = ["nats", "tls", "ws", "wss"];

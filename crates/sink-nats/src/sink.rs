@@ -2,126 +2,28 @@
 
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, AtomicU8, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use sink_core::backoff::{deadline_after, Backoff, RetrySchedule};
 use sink_core::encoding::{self, Encoding};
 use sink_core::event::{CloudEvent, MsgId};
 use sink_core::outbox::{BreakerOpenPolicy, Message, OrderingMode};
-use sink_core::stream::Violation;
-use tokio::sync::{mpsc, oneshot, watch, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
 use tracing::Instrument as _;
 
+use crate::clock;
 use crate::config::{Auth, OrderingKey, SinkConfig, StreamPolicy, Tls, WhenFull};
-use crate::driver::{self, Command, Permits};
+use crate::connect::{connect_error, connect_options, server_addrs, validate};
+use crate::driver::{self, Started};
 use crate::error::{EmitError, StartError};
+use crate::handle::{CloseReport, Command, Health, Permits, Receipt, Shared};
+use crate::provision::{check_stream, Provisioner};
+use crate::server_url::redacted_servers;
 use crate::subjects::Subjects;
-
-/// Proof that an event is stored.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Receipt {
-    /// The stream that stored it.
-    pub stream: String,
-    /// Its stream sequence.
-    pub sequence: u64,
-    /// The broker had it already (a retry, or the same event emitted twice within the duplicate
-    /// window): it is stored once, at `sequence`.
-    pub duplicate: bool,
-    /// The `Nats-Msg-Id` it was stored under.
-    pub msg_id: MsgId,
-}
-
-/// The breaker's state as seen from outside.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum BreakerStatus {
-    /// Publishing.
-    Closed,
-    /// Not publishing until the next probe.
-    Open,
-    /// Probing.
-    HalfOpen,
-}
-
-/// A snapshot of the sink.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Health {
-    /// Breaker state.
-    pub breaker: BreakerStatus,
-    /// Events accepted and not yet delivered or rejected.
-    pub queued: usize,
-    /// Publishes awaiting an ack.
-    pub in_flight: usize,
-    /// The last failure the driver saw, if any (no credentials).
-    pub last_error: Option<String>,
-    /// The server's version string at connect.
-    pub server_version: String,
-    /// The ordering mode in force (chained may have fallen back to per-key-serial).
-    pub ordering: OrderingMode,
-    /// Events re-sent after more than the stream's duplicate window since their first transmit:
-    /// a copy stored before the fault would not be deduplicated (RELIABILITY.md F3). Also the
-    /// `jetsink_retries_beyond_dedup_window_total` counter and a warning per event.
-    pub retried_beyond_window: u64,
-    /// Publishes allowed in flight now: the configured window, or less while the sink backs off
-    /// from broker overload (429).
-    pub window: usize,
-    /// What the last re-verification of the running stream found wrong (empty while it meets
-    /// every requirement): an operator edited the stream after the sink started. Each violation
-    /// names the field, the value found and the fix; it is also logged at ERROR when it appears
-    /// and counted by the `jetsink_stream_violations{stream}` gauge. While one of them
-    /// [blocks delivery](sink_core::stream::Violation::blocks_delivery) (the stream became sealed,
-    /// a mirror, interest retention, ...) nothing is published and events stay queued; the others
-    /// (a shorter `max_age`, a per-subject limit, rollups, ...) are reported and delivery goes on.
-    /// Re-verified on every reconnect and every [`SinkConfig::reverify_interval`].
-    pub stream_violations: Vec<Violation>,
-}
-
-/// What `close` could not deliver.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub struct CloseReport {
-    /// Events confirmed stored during the sink's life.
-    pub delivered: u64,
-    /// Events that failed for good: rejected by the broker, or larger than its `max_payload` when
-    /// their turn came (each with its own error).
-    pub rejected: u64,
-    /// Events without confirmation when the deadline passed, in order: (CloudEvent id, message id,
-    /// transmitted at least once).
-    pub not_delivered: Vec<(String, MsgId, bool)>,
-}
-
-impl CloseReport {
-    /// Whether everything accepted was confirmed (or rejected with a reason).
-    pub fn complete(&self) -> bool {
-        self.not_delivered.is_empty()
-    }
-}
-
-pub(crate) struct Shared {
-    pub queued: AtomicUsize,
-    pub in_flight: AtomicUsize,
-    pub breaker: AtomicU8,
-    pub ordering: AtomicU8,
-    pub retried_beyond_window: AtomicU64,
-    pub window: AtomicUsize,
-    pub last_error: Mutex<Option<String>>,
-    pub stream_violations: Mutex<Vec<Violation>>,
-    pub server_version: String,
-    /// The connected server's `max_payload` (the client's 1 MiB assumption before the first
-    /// connection); refreshed by the driver on every connect.
-    pub max_payload: AtomicUsize,
-    /// The report the driver left when it ended; a `close` after that returns it.
-    pub final_report: watch::Sender<Option<CloseReport>>,
-}
-
-impl Shared {
-    pub(crate) fn set_error(&self, e: impl Into<String>) {
-        if let Ok(mut g) = self.last_error.lock() {
-            *g = Some(e.into());
-        }
-    }
-}
+use crate::transport::Transport;
+use crate::wire::worst_case_wire_size;
 
 /// A handle to one event's outcome; resolves to its [`Receipt`] once stored.
 #[derive(Debug)]
@@ -222,7 +124,7 @@ impl JetStreamSink {
     /// While a close is under way, a second one with an earlier deadline ends it sooner.
     pub async fn close(&self, deadline: Duration) -> CloseReport {
         let (reply, rx) = oneshot::channel();
-        let deadline = deadline_after(Instant::now(), deadline);
+        let deadline = deadline_after(clock::now(), deadline);
         if self
             .inner
             .tx
@@ -240,32 +142,9 @@ impl JetStreamSink {
         report.ok().and_then(|r| r.clone()).unwrap_or_default()
     }
 
-    /// A snapshot of the sink's state.
+    /// A snapshot of the sink's state, as the driver last published it.
     pub fn health(&self) -> Health {
-        let s = &self.inner.shared;
-        Health {
-            breaker: match s.breaker.load(Ordering::Relaxed) {
-                1 => BreakerStatus::Open,
-                2 => BreakerStatus::HalfOpen,
-                _ => BreakerStatus::Closed,
-            },
-            queued: s.queued.load(Ordering::Relaxed),
-            in_flight: s.in_flight.load(Ordering::Relaxed),
-            last_error: s.last_error.lock().ok().and_then(|g| g.clone()),
-            server_version: s.server_version.clone(),
-            ordering: match s.ordering.load(Ordering::Relaxed) {
-                1 => OrderingMode::PerKeySerial,
-                2 => OrderingMode::Unordered,
-                _ => OrderingMode::Chained,
-            },
-            retried_beyond_window: s.retried_beyond_window.load(Ordering::Relaxed),
-            window: s.window.load(Ordering::Relaxed),
-            stream_violations: s
-                .stream_violations
-                .lock()
-                .map(|g| g.clone())
-                .unwrap_or_default(),
-        }
+        self.inner.shared.health.borrow().clone()
     }
 
     fn prepare(&self, event: &CloudEvent) -> Result<(Message, String), EmitError> {
@@ -305,8 +184,8 @@ impl JetStreamSink {
         };
         // What the server will count, with every header any transmission of it may carry, against
         // the limit of the server connected now (the driver refreshes it on every connect).
-        let size = driver::worst_case_wire_size(&message, inner.expected_stream.as_deref());
-        let max_payload = inner.shared.max_payload.load(Ordering::Relaxed);
+        let size = worst_case_wire_size(&message, inner.expected_stream.as_deref());
+        let max_payload = inner.shared.max_payload();
         if size > max_payload {
             return Err(EmitError::TooLarge {
                 event_id: event.id.clone(),
@@ -332,14 +211,14 @@ impl JetStreamSink {
             WhenFull::Reject => return self.try_admit(size, Duration::ZERO),
             WhenFull::Block { deadline } => deadline,
         };
-        if inner.fail_fast && inner.shared.breaker.load(Ordering::Relaxed) == 1 {
+        if inner.fail_fast && inner.shared.breaker_open() {
             return Err(EmitError::BreakerOpen);
         }
-        let started = Instant::now();
+        let started = clock::now();
         let full = || EmitError::QueueFull {
             max_events: inner.max_events,
             max_bytes: inner.max_bytes,
-            waited: started.elapsed(),
+            waited: clock::now().saturating_duration_since(started),
         };
         let acquire = async {
             let event = inner.events.clone().acquire_owned().await;
@@ -361,7 +240,7 @@ impl JetStreamSink {
 
     fn try_admit(&self, size: usize, waited: Duration) -> Result<Permits, EmitError> {
         let inner = &self.inner;
-        if inner.fail_fast && inner.shared.breaker.load(Ordering::Relaxed) == 1 {
+        if inner.fail_fast && inner.shared.breaker_open() {
             return Err(EmitError::BreakerOpen);
         }
         let full = EmitError::QueueFull {
@@ -619,46 +498,122 @@ impl SinkBuilder {
     pub async fn connect(self) -> Result<JetStreamSink, StartError> {
         let config = self.config;
         let subjects = Subjects::new(&config)?;
-        let started = driver::start(&config, &subjects).await?;
-        let shared = Arc::new(Shared {
-            queued: AtomicUsize::new(0),
-            in_flight: AtomicUsize::new(0),
-            breaker: AtomicU8::new(0),
-            ordering: AtomicU8::new(0),
-            retried_beyond_window: AtomicU64::new(0),
-            window: AtomicUsize::new(config.window),
-            last_error: Mutex::new(None),
-            stream_violations: Mutex::new(Vec::new()),
-            server_version: started.server_version.clone(),
-            max_payload: AtomicUsize::new(started.max_payload),
-            final_report: watch::Sender::new(None),
-        });
+        validate(&config)?;
+        let started = start(&config, &subjects).await?;
+        Ok(JetStreamSink::spawn(config, subjects, started))
+    }
+
+    /// Starts the driver over another [`Transport`] than async-nats (the test kit's scripted
+    /// broker): the same driver, fed connection events on `events`. There is no JetStream API
+    /// behind such a transport, so the config must say `stream_policy(StreamPolicy::Off)`.
+    pub fn start_on<T: Transport>(
+        self,
+        transport: T,
+        events: mpsc::UnboundedReceiver<async_nats::Event>,
+    ) -> Result<JetStreamSink, StartError> {
+        let config = self.config;
+        if config.stream_policy != StreamPolicy::Off {
+            return Err(StartError::Config {
+                field: "stream_policy",
+                problem: "a sink on a custom transport cannot check its stream; \
+                          set StreamPolicy::Off"
+                    .to_owned(),
+            });
+        }
+        let subjects = Subjects::new(&config)?;
+        validate(&config)?;
+        let started = Started {
+            transport,
+            events,
+            provision: None,
+            checked: None,
+            stream_checked: true,
+        };
+        Ok(JetStreamSink::spawn(config, subjects, started))
+    }
+}
+
+impl JetStreamSink {
+    /// Starts the driver task on `started` and returns the handle to it.
+    fn spawn<T: Transport>(config: SinkConfig, subjects: Subjects, started: Started<T>) -> Self {
+        let shared = Arc::new(Shared::new(
+            started.transport.server_version(),
+            config.window,
+            config.ordering,
+            started.transport.max_payload(),
+        ));
         let (tx, rx) = mpsc::unbounded_channel();
-        driver::spawn(
-            config.clone(),
-            subjects.clone(),
-            started,
-            rx,
-            shared.clone(),
-        );
-        Ok(JetStreamSink {
-            inner: Arc::new(Inner {
-                tx,
-                shared,
-                subjects,
-                encoding: config.encoding,
-                ordering_key: config.ordering_key,
-                default_tenant: config.default_tenant.clone(),
-                // The driver sends `Nats-Expected-Stream` only with a stream policy.
-                expected_stream: (config.stream_policy != StreamPolicy::Off)
-                    .then(|| config.stream.clone()),
-                events: Arc::new(Semaphore::new(config.max_events)),
-                bytes: Arc::new(Semaphore::new(config.max_bytes)),
-                max_events: config.max_events,
-                max_bytes: config.max_bytes,
-                when_full: config.when_full,
-                fail_fast: config.when_breaker_open == BreakerOpenPolicy::FailFast,
-            }),
-        })
+        let inner = Inner {
+            tx,
+            shared: shared.clone(),
+            subjects,
+            encoding: config.encoding,
+            ordering_key: config.ordering_key,
+            default_tenant: config.default_tenant.clone(),
+            // The driver sends `Nats-Expected-Stream` only with a stream policy.
+            expected_stream: (config.stream_policy != StreamPolicy::Off)
+                .then(|| config.stream.clone()),
+            events: Arc::new(Semaphore::new(config.max_events)),
+            bytes: Arc::new(Semaphore::new(config.max_bytes)),
+            max_events: config.max_events,
+            max_bytes: config.max_bytes,
+            when_full: config.when_full,
+            fail_fast: config.when_breaker_open == BreakerOpenPolicy::FailFast,
+        };
+        driver::spawn(config, started, rx, shared);
+        JetStreamSink {
+            inner: Arc::new(inner),
+        }
+    }
+}
+
+/// Connects and checks the stream per policy.
+async fn start(
+    config: &SinkConfig,
+    subjects: &Subjects,
+) -> Result<Started<async_nats::Client>, StartError> {
+    let (ev_tx, events) = mpsc::unbounded_channel();
+    let mut opts = connect_options(config).await?.event_callback(move |e| {
+        let tx = ev_tx.clone();
+        async move {
+            let _ = tx.send(e);
+        }
+    });
+    if config.retry_initial_connect {
+        opts = opts.retry_on_initial_connect();
+    }
+    let client = opts
+        .connect(server_addrs(config)?)
+        .await
+        .map_err(|e| connect_error(&e, config))?;
+    if config.retry_initial_connect {
+        await_first_connection(&client, config.connect_timeout).await;
+    }
+    let policy_on = config.stream_policy != StreamPolicy::Off;
+    let connected = !client.server_info().server_id.is_empty();
+    let checked = if policy_on && connected {
+        let servers = redacted_servers(&config.servers);
+        Some(check_stream(&client, config, subjects, &servers).await?)
+    } else {
+        None
+    };
+    Ok(Started {
+        provision: policy_on
+            .then(|| Provisioner::new(client.clone(), config.clone(), subjects.clone())),
+        stream_checked: !policy_on || checked.is_some(),
+        checked,
+        transport: client,
+        events,
+    })
+}
+
+/// With retry-on-initial-connect the client returns before its first connection (always, even
+/// when the server is up) and knows no server info yet. Give that connection one connect timeout
+/// so a reachable server still gets its stream checked and its max_payload read; only a server
+/// that stays down starts the sink unchecked.
+async fn await_first_connection(client: &async_nats::Client, connect_timeout: Duration) {
+    let deadline = deadline_after(clock::now(), connect_timeout);
+    while client.server_info().server_id.is_empty() && clock::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }

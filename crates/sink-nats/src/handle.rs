@@ -1,0 +1,179 @@
+//! What the public handle and the driver task share: the commands one sends the other, the
+//! health snapshot the driver publishes, and the outcome types both speak.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Instant;
+
+use sink_core::event::MsgId;
+use sink_core::outbox::{Message, OrderingMode};
+use sink_core::stream::Violation;
+use tokio::sync::{oneshot, watch, OwnedSemaphorePermit};
+
+use crate::error::EmitError;
+
+/// Proof that an event is stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Receipt {
+    /// The stream that stored it.
+    pub stream: String,
+    /// Its stream sequence.
+    pub sequence: u64,
+    /// The broker had it already (a retry, or the same event emitted twice within the duplicate
+    /// window): it is stored once, at `sequence`.
+    pub duplicate: bool,
+    /// The `Nats-Msg-Id` it was stored under.
+    pub msg_id: MsgId,
+}
+
+/// The breaker's state as seen from outside.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BreakerStatus {
+    /// Publishing.
+    Closed,
+    /// Not publishing until the next probe.
+    Open,
+    /// Probing.
+    HalfOpen,
+}
+
+/// A snapshot of the sink.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Health {
+    /// Breaker state.
+    pub breaker: BreakerStatus,
+    /// Events accepted and not yet delivered or rejected.
+    pub queued: usize,
+    /// Publishes awaiting an ack.
+    pub in_flight: usize,
+    /// The last failure the driver saw, if any (no credentials).
+    pub last_error: Option<String>,
+    /// The server's version string at connect.
+    pub server_version: String,
+    /// The ordering mode in force (chained may have fallen back to per-key-serial).
+    pub ordering: OrderingMode,
+    /// Events re-sent after more than the stream's duplicate window since their first transmit:
+    /// a copy stored before the fault would not be deduplicated (RELIABILITY.md F3). Also the
+    /// `jetsink_retries_beyond_dedup_window_total` counter and a warning per event.
+    pub retried_beyond_window: u64,
+    /// Publishes allowed in flight now: the configured window, or less while the sink backs off
+    /// from broker overload (429).
+    pub window: usize,
+    /// What the last re-verification of the running stream found wrong (empty while it meets
+    /// every requirement): an operator edited the stream after the sink started. Each violation
+    /// names the field, the value found and the fix; it is also logged at ERROR when it appears
+    /// and counted by the `jetsink_stream_violations{stream}` gauge. While one of them
+    /// [blocks delivery](sink_core::stream::Violation::blocks_delivery) (the stream became sealed,
+    /// a mirror, interest retention, ...) nothing is published and events stay queued; the others
+    /// (a shorter `max_age`, a per-subject limit, rollups, ...) are reported and delivery goes on.
+    /// Re-verified on every reconnect and every [`SinkConfig::reverify_interval`].
+    pub stream_violations: Vec<Violation>,
+    /// Why the ordering mode in force differs from the configured one, when the driver switched
+    /// it (chaining is unsafe on this server and stream, see [`sink_core::capability`]); `None`
+    /// while the configured mode is in force.
+    pub ordering_reason: Option<String>,
+}
+
+/// What `close` could not deliver.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct CloseReport {
+    /// Events confirmed stored during the sink's life.
+    pub delivered: u64,
+    /// Events that failed for good: rejected by the broker, or larger than its `max_payload` when
+    /// their turn came (each with its own error).
+    pub rejected: u64,
+    /// Events without confirmation when the deadline passed, in order: (CloudEvent id, message id,
+    /// transmitted at least once).
+    pub not_delivered: Vec<(String, MsgId, bool)>,
+}
+
+impl CloseReport {
+    /// Whether everything accepted was confirmed (or rejected with a reason).
+    pub fn complete(&self) -> bool {
+        self.not_delivered.is_empty()
+    }
+}
+
+/// Queue admission held by an event until its outcome; dropping it makes room.
+#[derive(Debug)]
+#[allow(dead_code)] // held for their Drop, never read
+pub(crate) struct Permits {
+    pub event: OwnedSemaphorePermit,
+    pub bytes: OwnedSemaphorePermit,
+}
+
+/// What a [`JetStreamSink`](crate::JetStreamSink) asks of its driver.
+pub(crate) enum Command {
+    /// Queue one accepted event; its outcome goes to `reply`.
+    Emit {
+        message: Message,
+        event_id: String,
+        permits: Permits,
+        span: tracing::Span,
+        reply: oneshot::Sender<Result<Receipt, EmitError>>,
+    },
+    /// Reply once every event accepted before has an outcome.
+    Flush { reply: oneshot::Sender<()> },
+    /// Stop taking events and end by `deadline` at the latest.
+    Close {
+        deadline: Instant,
+        reply: oneshot::Sender<CloseReport>,
+    },
+}
+
+/// State the driver publishes for the handles.
+pub(crate) struct Shared {
+    /// The driver's latest snapshot; `health()` clones it.
+    pub health: watch::Sender<Health>,
+    /// The connected server's `max_payload` (the client's 1 MiB assumption before the first
+    /// connection); refreshed by the driver on every connect. An atomic, not part of
+    /// [`Health`], because every `send` reads it.
+    pub max_payload: AtomicUsize,
+    /// The report the driver left when it ended; a `close` after that returns it.
+    pub final_report: watch::Sender<Option<CloseReport>>,
+}
+
+impl Shared {
+    /// The state of a sink that has sent nothing yet.
+    pub(crate) fn new(
+        server_version: String,
+        window: usize,
+        ordering: OrderingMode,
+        max_payload: usize,
+    ) -> Self {
+        Self {
+            health: watch::Sender::new(Health {
+                breaker: BreakerStatus::Closed,
+                queued: 0,
+                in_flight: 0,
+                last_error: None,
+                server_version,
+                ordering,
+                retried_beyond_window: 0,
+                window,
+                stream_violations: Vec::new(),
+                ordering_reason: None,
+            }),
+            max_payload: AtomicUsize::new(max_payload),
+            final_report: watch::Sender::new(None),
+        }
+    }
+
+    pub(crate) fn set_error(&self, e: impl Into<String>) {
+        let e = e.into();
+        self.health.send_modify(|h| h.last_error = Some(e));
+    }
+
+    /// Whether the breaker is open now (the fail-fast admission check).
+    pub(crate) fn breaker_open(&self) -> bool {
+        self.health.borrow().breaker == BreakerStatus::Open
+    }
+
+    pub(crate) fn max_payload(&self) -> usize {
+        self.max_payload.load(Ordering::Relaxed)
+    }
+
+    /// Records the limit of the server connected now; whether it changed.
+    pub(crate) fn set_max_payload(&self, max_payload: usize) -> bool {
+        self.max_payload.swap(max_payload, Ordering::Relaxed) != max_payload
+    }
+}
