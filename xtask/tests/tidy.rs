@@ -785,3 +785,241 @@ fn shipped_tree_check_flags_test_only_crates() {
         ]
     );
 }
+
+/// A crate's source files by module path (`driver`, `a::b`), from `src/`. The crate root
+/// (`lib.rs`, `main.rs`) is left out: its `mod` and `pub use` lines are the crate's table of
+/// contents, and a module naming a root re-export depends on the module that defines it, not on
+/// the root. Binaries under `src/bin/` are crates of their own and left out too.
+fn module_files(src: &Path) -> BTreeMap<String, PathBuf> {
+    rust_files(src)
+        .into_iter()
+        .filter_map(|path| {
+            let relative = path.strip_prefix(src).ok()?.with_extension("");
+            let mut segments: Vec<String> = relative
+                .components()
+                .map(|c| c.as_os_str().to_string_lossy().into_owned())
+                .collect();
+            if segments.first().is_some_and(|s| s == "bin") {
+                return None;
+            }
+            if segments.last().is_some_and(|s| s == "mod") {
+                segments.pop();
+            }
+            if segments.is_empty() || segments == ["lib"] || segments == ["main"] {
+                return None;
+            }
+            Some((segments.join("::"), path))
+        })
+        .collect()
+}
+
+/// Every path named after `crate::` in `code` as its leading segments, with `use crate::{a::X,
+/// b}` groups expanded one level: `[a, X]`, `[b]`.
+fn crate_paths(code: &str) -> Vec<Vec<String>> {
+    let segments = |path: &str| -> Vec<String> {
+        path.split("::")
+            .map(str::trim)
+            .take_while(|s| !s.is_empty() && s.chars().all(|c| c.is_alphanumeric() || c == '_'))
+            .map(str::to_owned)
+            .collect()
+    };
+    let mut paths = Vec::new();
+    let mut rest = code;
+    while let Some(at) = rest.find("crate::") {
+        let preceded_by_ident = rest[..at]
+            .chars()
+            .next_back()
+            .is_some_and(|c| c.is_alphanumeric() || c == '_');
+        rest = &rest[at + "crate::".len()..];
+        if preceded_by_ident {
+            continue; // `sink_core::` ends in `crate::`'s letters only by accident of naming
+        }
+        if let Some(group) = rest.strip_prefix('{') {
+            let mut depth = 1usize;
+            let end = group
+                .char_indices()
+                .find(|&(_, c)| {
+                    match c {
+                        '{' => depth += 1,
+                        '}' => depth -= 1,
+                        _ => {}
+                    }
+                    depth == 0
+                })
+                .map_or(group.len(), |(i, _)| i);
+            let mut item_depth = 0usize;
+            let mut start = 0;
+            for (i, c) in group[..end].char_indices().chain([(end, ',')]) {
+                match c {
+                    '{' => item_depth += 1,
+                    '}' => item_depth -= 1,
+                    ',' if item_depth == 0 => {
+                        paths.push(segments(&group[start..i]));
+                        start = i + 1;
+                    }
+                    _ => {}
+                }
+            }
+        } else {
+            paths.push(segments(rest));
+        }
+    }
+    paths.retain(|p| !p.is_empty());
+    paths
+}
+
+/// The modules each module imports from, by module path: a `crate::` path counts as an edge to
+/// the longest module it starts with (none when it names a root item).
+fn import_edges(sources: &BTreeMap<String, String>) -> BTreeMap<String, BTreeSet<String>> {
+    sources
+        .iter()
+        .map(|(module, code)| {
+            let targets = crate_paths(code)
+                .into_iter()
+                .filter_map(|path| {
+                    (1..=path.len())
+                        .rev()
+                        .map(|n| path[..n].join("::"))
+                        .find(|prefix| sources.contains_key(prefix))
+                })
+                .filter(|target| target != module)
+                .collect();
+            (module.clone(), targets)
+        })
+        .collect()
+}
+
+/// Every set of modules that import from each other (directly or round a longer cycle), each
+/// sorted, with the edges among them: `a -> b, b -> a`.
+fn import_cycles(edges: &BTreeMap<String, BTreeSet<String>>) -> Vec<String> {
+    let reachable = |from: &str| -> BTreeSet<String> {
+        let mut seen = BTreeSet::new();
+        let mut pending: Vec<&str> = vec![from];
+        while let Some(m) = pending.pop() {
+            for next in edges.get(m).into_iter().flatten() {
+                if seen.insert(next.clone()) {
+                    pending.push(next);
+                }
+            }
+        }
+        seen
+    };
+    let reach: BTreeMap<&str, BTreeSet<String>> =
+        edges.keys().map(|m| (m.as_str(), reachable(m))).collect();
+    let mut reported = BTreeSet::new();
+    let mut cycles = Vec::new();
+    for (module, reached) in &reach {
+        if !reached.contains(*module) || reported.contains(*module) {
+            continue;
+        }
+        let members: BTreeSet<&str> = reached
+            .iter()
+            .map(String::as_str)
+            .filter(|other| reach[other].contains(*module))
+            .collect();
+        let shown: Vec<String> = members
+            .iter()
+            .flat_map(|from| {
+                edges[*from]
+                    .iter()
+                    .filter(|to| members.contains(to.as_str()))
+                    .map(move |to| format!("{from} -> {to}"))
+            })
+            .collect();
+        cycles.push(shown.join(", "));
+        reported.extend(members.iter().map(|m| (*m).to_owned()));
+    }
+    cycles
+}
+
+/// Import cycles that predate the rule, outside the crates that follow it already: (source
+/// directory, cycle as [`import_cycles`] shows it). Each is to be broken by moving what both
+/// modules need into a module of its own; the test fails once one is gone, so the list only
+/// shrinks.
+const KNOWN_IMPORT_CYCLES: [(&str, &str); 2] = [
+    (
+        "crates/sink-core/src",
+        "backoff -> stream, stream -> backoff",
+    ),
+    ("crates/sink-testkit/src", "server -> tls, tls -> server"),
+];
+
+#[test]
+fn no_two_modules_of_a_crate_import_from_each_other() {
+    let root = project_root();
+    let mut crates: Vec<PathBuf> = fs::read_dir(root.join("crates"))
+        .expect("list crates/")
+        .map(|e| e.expect("directory entry").path().join("src"))
+        .filter(|src| src.is_dir())
+        .collect();
+    crates.push(root.join("xtask/src"));
+    crates.sort();
+    let mut violations = Vec::new();
+    for src in crates {
+        let sources: BTreeMap<String, String> = module_files(&src)
+            .into_iter()
+            .map(|(module, path)| (module, code_lines(&read(&path)).join("\n")))
+            .collect();
+        let known: Vec<&str> = KNOWN_IMPORT_CYCLES
+            .iter()
+            .filter(|(dir, _)| *dir == shown(&src))
+            .map(|(_, cycle)| *cycle)
+            .collect();
+        let found = import_cycles(&import_edges(&sources));
+        for cycle in found.iter().filter(|c| !known.contains(&c.as_str())) {
+            violations.push(format!("{}: {cycle}", shown(&src)));
+        }
+        for gone in known.iter().filter(|k| !found.iter().any(|c| c == *k)) {
+            violations.push(format!(
+                "{}: {gone} is no longer a cycle; remove it from KNOWN_IMPORT_CYCLES",
+                shown(&src)
+            ));
+        }
+    }
+    assert_none(
+        "modules of a crate import one way (move what both need into a module of its own)",
+        &violations,
+    );
+}
+
+#[test]
+fn import_check_finds_a_cycle_through_a_group_and_ignores_root_items() {
+    let sources = |files: &[(&str, &str)]| -> BTreeMap<String, String> {
+        files
+            .iter()
+            .map(|(m, code)| ((*m).to_owned(), (*code).to_owned()))
+            .collect()
+    };
+    let one_way = sources(&[
+        (
+            "sink",
+            "use crate::driver::{self, Started};\nuse crate::JetStreamSink;",
+        ),
+        (
+            "driver",
+            "use crate::handle::Shared;\nlet x = sink_core::crate::y;",
+        ),
+        ("handle", "use crate::Receipt;"),
+    ]);
+    assert_eq!(import_cycles(&import_edges(&one_way)), Vec::<String>::new());
+
+    let cyclic = sources(&[
+        ("a", "use crate::b::X;"),
+        ("b", "use crate::{\n    c::{Y, Z},\n    d::inner::W,\n};"),
+        ("c", "fn f() { crate::a::g() }"),
+        ("d", "pub use crate::d::inner::W;"),
+        ("d::inner", "use crate::d::V;"),
+    ]);
+    let edges = import_edges(&cyclic);
+    assert_eq!(
+        edges["b"],
+        BTreeSet::from(["c".to_owned(), "d::inner".to_owned()])
+    );
+    assert_eq!(
+        import_cycles(&edges),
+        vec![
+            "a -> b, b -> c, c -> a".to_owned(),
+            "d -> d::inner, d::inner -> d".to_owned()
+        ]
+    );
+}
