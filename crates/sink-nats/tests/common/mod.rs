@@ -1,6 +1,8 @@
 //! Shared helpers for sink-nats integration tests: servers, sinks, events, audits.
 #![allow(dead_code)] // each test binary uses a different subset
 
+pub mod scripted;
+
 use std::time::Duration;
 
 use sink_core::event::{CloudEvent, MsgId};
