@@ -274,6 +274,10 @@ async fn foreign_writer_mid_run(version: ServerVersion) {
         "the sink noticed the other writer: {health:?}"
     );
     assert!(
+        health.ordering_reason.is_some(),
+        "health says why the ordering mode changed: {health:?}"
+    );
+    assert!(
         settled < Duration::from_secs(30),
         "everything settled {settled:?} after the foreign publish: a stall"
     );
@@ -342,6 +346,15 @@ async fn whole_cluster_restart_while_idle(version: ServerVersion) {
         _ => OrderingMode::PerKeySerial,
     };
     assert_eq!(health.ordering, expected, "{health:?}");
+    // On 2.11+ the chaining guard switched the mode at start, and health says why.
+    let reason = health.ordering_reason.as_deref();
+    match version {
+        ServerVersion::V2_9 => assert_eq!(reason, None, "{health:?}"),
+        _ => assert!(
+            reason.is_some_and(|r| r.contains("per-key-serial")),
+            "{health:?}"
+        ),
+    }
     eprintln!("{version}: {n} events after the full restart in {took:?}");
     let close = sink.close(Duration::from_secs(5)).await;
     assert!(close.complete(), "{close:?}");

@@ -6,17 +6,11 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::{
-    assert_all_ok, audit, await_outcomes, builder, event, fast_reconnect, server, STREAM,
+    assert_all_ok, audit, await_outcomes, builder, event, fast_reconnect, server, stored_count,
+    STREAM,
 };
 use sink_nats::{new_stream_config, StreamPolicy};
-use sink_testkit::{NatsServer, ServerVersion};
-
-/// Messages the stream holds, read over a fresh connection.
-async fn stored(server: &NatsServer) -> u64 {
-    let js = async_nats::jetstream::new(server.connect().await.expect("client"));
-    let mut stream = js.get_stream(STREAM).await.expect("stream exists");
-    stream.info().await.expect("stream info").state.messages
-}
+use sink_testkit::ServerVersion;
 
 /// A stream that breaks the 90-day retention floor exists while the server is down. The sink
 /// starts anyway (retry on initial connect), checks the stream once connected, holds every
@@ -66,7 +60,7 @@ async fn verify_after_the_first_connection(version: ServerVersion) {
     // Give a wrongly released publish time to land before looking.
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(
-        stored(&server).await,
+        stored_count(&server, STREAM).await,
         0,
         "nothing may be published into a stream that failed the check"
     );
@@ -117,7 +111,7 @@ async fn create_after_the_first_connection(version: ServerVersion) {
     let report = audit(&server.url(), &sent).await;
     report.assert_passed();
     assert_eq!(report.stored, 30);
-    assert_eq!(stored(&server).await, 30);
+    assert_eq!(stored_count(&server, STREAM).await, 30);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

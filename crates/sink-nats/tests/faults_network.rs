@@ -42,13 +42,6 @@ async fn setup(
     (server, proxy, sink)
 }
 
-/// Messages the stream holds now, asked of the server directly (not through the proxy).
-async fn stored_now(server: &NatsServer) -> u64 {
-    let js = async_nats::jetstream::new(server.connect().await.expect("direct connect"));
-    let mut stream = js.get_stream(STREAM).await.expect("stream exists");
-    stream.info().await.expect("stream info").state.messages
-}
-
 /// Checks I1-I4 against the server and that every event was delivered.
 async fn assert_all_delivered(server: &NatsServer, sent: &[Sent], stored: usize) {
     let failed: Vec<_> = sent
@@ -156,10 +149,10 @@ async fn lost_acks_are_recovered_as_duplicates(version: ServerVersion) {
     proxy.set_mode(ProxyMode::Blackhole(Direction::ServerToClient));
     let sending = spawn_send_all(&sink, "lost-ack", n, 4);
     let deadline = Instant::now() + Duration::from_secs(20);
-    let mut stored = stored_now(&server).await;
+    let mut stored = stored_count(&server, STREAM).await;
     while stored < (warm + n) as u64 && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(50)).await;
-        stored = stored_now(&server).await;
+        stored = stored_count(&server, STREAM).await;
     }
     assert_eq!(
         stored,

@@ -17,8 +17,8 @@ use sink_nats::{
     StartError, StreamPolicy, Verdict,
 };
 use sink_testkit::{
-    read_stream, AuditReport, Direction, Expected, FaultProxy, NatsServer, ProxyMode,
-    ServerOptions, ServerVersion,
+    read_stream, Direction, Expected, FaultProxy, NatsServer, ProxyMode, ServerOptions,
+    ServerVersion,
 };
 
 /// The longest any single outcome may take (I5).
@@ -392,10 +392,6 @@ async fn sigstop_longer_than_ack_timeout_stores_no_duplicate_and_resumes_on_2_15
 // ---------------------------------------------------------------------------------------------
 // F9: stream missing at start, deleted mid-run
 
-async fn audit_of(url: &str, sent: &[Sent]) -> AuditReport {
-    audit(url, sent).await
-}
-
 async fn stream_missing_at_start(version: ServerVersion) {
     let server = server(version).await;
     let err = builder(&server.url())
@@ -477,7 +473,7 @@ async fn stream_deleted_mid_run_with_verify(version: ServerVersion) {
     js.create_stream(config).await.expect("re-create");
     let after = outcomes(pending).await;
     assert_all_ok(&after);
-    let report = audit_of(&server.url(), &after).await;
+    let report = audit(&server.url(), &after).await;
     report.assert_passed();
     assert_eq!(report.stored, 300);
     assert_eq!(sink.health().breaker, BreakerStatus::Closed);
@@ -518,7 +514,7 @@ async fn stream_deleted_mid_run_with_create(version: ServerVersion) {
         .expect("info")
         .clone();
     assert_eq!(info.config.max_age, Duration::from_secs(90 * 24 * 3600));
-    let report = audit_of(&server.url(), &after).await;
+    let report = audit(&server.url(), &after).await;
     report.assert_passed();
     assert_eq!(report.stored, 300);
     let close = sink.close(Duration::from_secs(5)).await;

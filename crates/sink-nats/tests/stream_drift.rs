@@ -9,7 +9,7 @@ use async_nats::jetstream::stream::Config;
 use common::*;
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use sink_nats::{new_stream_config, JetStreamSink, StreamPolicy};
-use sink_testkit::{NatsServer, ServerVersion};
+use sink_testkit::ServerVersion;
 
 const DAY: Duration = Duration::from_secs(24 * 3600);
 const SUBJECTS: &str = "t.events.*.v1";
@@ -40,12 +40,6 @@ fn stream_name(kind: &str, version: ServerVersion) -> String {
 
 fn config(stream: &str) -> Config {
     new_stream_config(stream, vec![SUBJECTS.into()])
-}
-
-async fn stored(server: &NatsServer, stream: &str) -> u64 {
-    let js = async_nats::jetstream::new(server.connect().await.expect("client"));
-    let mut s = js.get_stream(stream).await.expect("stream exists");
-    s.info().await.expect("info").state.messages
 }
 
 /// Polls `health().stream_violations` until their fields are `fields`, within `within`.
@@ -129,7 +123,7 @@ async fn drift_found_on_the_interval(version: ServerVersion) {
     )
     .await;
     assert_eq!(violations_gauge(&stream), Some(3.0));
-    let count = stored(&server, &stream).await;
+    let count = stored_count(&server, &stream).await;
     let mut pending = Vec::new();
     for i in 0..50 {
         let e = event("drift-held", i, 3);
@@ -148,7 +142,7 @@ async fn drift_found_on_the_interval(version: ServerVersion) {
         "{health:?}"
     );
     assert_eq!(
-        stored(&server, &stream).await,
+        stored_count(&server, &stream).await,
         count,
         "nothing may be published while the stream does not acknowledge"
     );

@@ -9,13 +9,9 @@ use std::time::Duration;
 use async_nats::jetstream::stream::{Config, StorageType};
 use common::*;
 use sink_nats::{new_stream_config, read_stream_facts, StartError, StreamPolicy};
-use sink_testkit::{NatsServer, ServerVersion};
+use sink_testkit::ServerVersion;
 
 const DAY: Duration = Duration::from_secs(24 * 3600);
-
-async fn jetstream(server: &NatsServer) -> async_nats::jetstream::Context {
-    async_nats::jetstream::new(server.connect().await.expect("client"))
-}
 
 /// max_age 30 d, a 100 ms duplicate window, memory storage.
 fn drifted() -> Config {

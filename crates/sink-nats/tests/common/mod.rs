@@ -18,6 +18,21 @@ pub async fn server(version: ServerVersion) -> NatsServer {
         .unwrap_or_else(|e| panic!("cannot start nats-server {version}: {e}"))
 }
 
+/// A JetStream context on a client of its own (not the sink's) to `server`.
+pub async fn jetstream(server: &NatsServer) -> async_nats::jetstream::Context {
+    async_nats::jetstream::new(server.connect().await.expect("client"))
+}
+
+/// How many messages `stream` on `server` holds now.
+pub async fn stored_count(server: &NatsServer, stream: &str) -> u64 {
+    let mut s = jetstream(server)
+        .await
+        .get_stream(stream)
+        .await
+        .expect("stream exists");
+    s.info().await.expect("stream info").state.messages
+}
+
 /// A builder for a sink on `url` that creates its stream, with short timeouts for tests.
 pub fn builder(url: &str) -> SinkBuilder {
     JetStreamSink::builder(url)
