@@ -261,6 +261,53 @@ fn sink_core_clippy_config_bans_clocks() {
     );
 }
 
+/// Where sink-nats may read std's clocks: its one clock module. Everywhere else time comes from
+/// `clock::now()` (tokio's clock, which a paused test runtime moves together with every sleep),
+/// or from tokio's `Instant` directly.
+const SINK_NATS_CLOCK: &str = "crates/sink-nats/src/clock.rs";
+
+#[test]
+fn sink_nats_reads_std_clocks_only_in_its_clock_module() {
+    let mut violations = Vec::new();
+    for path in rust_files(&project_root().join("crates/sink-nats/src")) {
+        if shown(&path) == SINK_NATS_CLOCK {
+            continue;
+        }
+        for (i, line) in code_lines(&read(&path)).iter().enumerate() {
+            if std_clock_read(line) {
+                violations.push(format!("{}:{}: {}", shown(&path), i + 1, line.trim()));
+            }
+        }
+    }
+    assert_none(
+        &format!("sink-nats reads time through {SINK_NATS_CLOCK} (clock::now)"),
+        &violations,
+    );
+}
+
+/// Whether a line of code reads std's monotonic or wall clock, or blocks a thread on it.
+fn std_clock_read(line: &str) -> bool {
+    let tokio_now = concat!("tokio::time::", "Instant::now");
+    let needles = [
+        concat!("SystemTime", "::now"),
+        concat!("std::thread", "::sleep"),
+        concat!(".elapsed", "()"),
+    ];
+    needles.iter().any(|n| line.contains(n))
+        || line
+            .replace(tokio_now, "")
+            .contains(concat!("Instant", "::now"))
+}
+
+#[test]
+fn std_clock_check_tells_tokios_clock_from_stds() {
+    assert!(std_clock_read("let t = Instant::now();"));
+    assert!(std_clock_read("let t = std::time::SystemTime::now();"));
+    assert!(std_clock_read("let waited = started.elapsed();"));
+    assert!(!std_clock_read("let t = tokio::time::Instant::now() + d;"));
+    assert!(!std_clock_read("let t = clock::now();"));
+}
+
 #[test]
 fn comment_stripping_keeps_code_and_drops_prose() {
     let text = "let a = 1; // Instant::now\n/* std::fs\n still comment */ let b = 2;\nlet c = 3; /* x */ let d;";

@@ -10,7 +10,6 @@ use std::time::Duration;
 use async_nats::header::NATS_MESSAGE_ID;
 use async_nats::jetstream::consumer::{pull::OrderedConfig, DeliverPolicy};
 use futures::StreamExt;
-use tokio::time::Instant;
 
 pub use sink_core::audit::{
     analyze, compare, compare_with, AuditReport, CompareOptions, Expected, OrderViolation,
@@ -83,7 +82,7 @@ pub async fn read_stream(
     stream: &str,
     timeout: Duration,
 ) -> Result<Vec<StoredMessage>, AuditError> {
-    let deadline = Instant::now() + timeout;
+    let deadline = tokio::time::Instant::now() + timeout;
     let lookup = |detail: String| AuditError::StreamLookup {
         stream: stream.to_owned(),
         detail,

@@ -797,8 +797,27 @@ impl<T: Transport> Driver<T> {
             return;
         }
         self.ended = true;
-        // Mid-panic only what cannot panic: no logging.
-        let quiet = std::thread::panicking();
+        let mut unqueued = self.fail_unqueued_commands();
+        let mut not_delivered = self.fail_waiting_events();
+        not_delivered.append(&mut self.refused_at_close);
+        not_delivered.append(&mut unqueued);
+        for (_, reply) in self.flushes.drain(..) {
+            let _ = reply.send(());
+        }
+        let report = CloseReport {
+            delivered: self.delivered,
+            rejected: self.rejected,
+            not_delivered,
+        };
+        self.shared.final_report.send_replace(Some(report.clone()));
+        for closer in self.closers.drain(..) {
+            let _ = closer.send(report.clone());
+        }
+    }
+
+    /// Stops taking commands and answers those still queued: events `send` accepted fail as not
+    /// delivered (and are returned for the report), flushes return, closers wait for the report.
+    fn fail_unqueued_commands(&mut self) -> Vec<(String, MsgId, bool)> {
         self.commands.close();
         let mut unqueued = Vec::new();
         while let Ok(cmd) = self.commands.try_recv() {
@@ -821,6 +840,13 @@ impl<T: Transport> Driver<T> {
                 Command::Close { reply, .. } => self.closers.push(reply),
             }
         }
+        unqueued
+    }
+
+    /// Fails every queued or in-flight event still owed an outcome as not delivered, in order.
+    fn fail_waiting_events(&mut self) -> Vec<(String, MsgId, bool)> {
+        // Mid-panic only what cannot panic: no logging.
+        let quiet = std::thread::panicking();
         let mut not_delivered = Vec::new();
         while let Some(seq) = self.waiters.lowest() {
             let Some(mut w) = self.waiters.remove(seq) else {
@@ -845,20 +871,7 @@ impl<T: Transport> Driver<T> {
             }));
             not_delivered.push((w.event_id, w.msg_id, transmitted));
         }
-        not_delivered.append(&mut self.refused_at_close);
-        not_delivered.append(&mut unqueued);
-        for (_, reply) in self.flushes.drain(..) {
-            let _ = reply.send(());
-        }
-        let report = CloseReport {
-            delivered: self.delivered,
-            rejected: self.rejected,
-            not_delivered,
-        };
-        self.shared.final_report.send_replace(Some(report.clone()));
-        for closer in self.closers.drain(..) {
-            let _ = closer.send(report.clone());
-        }
+        not_delivered
     }
 }
 

@@ -5,12 +5,13 @@
 //! about it (report, hold events) is the driver's decision.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use async_nats::jetstream;
 use sink_core::stream::{verify, StreamRequirements, Violation};
 use tokio::sync::{mpsc, Notify};
 
+use crate::clock;
 use crate::facts::{read_stream_facts, StreamInfoError};
 
 /// How soon the stream is read again while a violation blocks delivery, whatever the interval:
@@ -68,7 +69,7 @@ pub(crate) async fn watch_stream(
 /// The periodic wait, or `None` for never: zero turns it off, and so does a duration no clock
 /// deadline can hold (`Duration::MAX`).
 fn periodic(interval: Duration) -> Option<Duration> {
-    (!interval.is_zero() && Instant::now().checked_add(interval).is_some()).then_some(interval)
+    (!interval.is_zero() && clock::now().checked_add(interval).is_some()).then_some(interval)
 }
 
 async fn sleep_for(wait: Option<Duration>) {
