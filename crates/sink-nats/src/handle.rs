@@ -65,7 +65,7 @@ pub struct Health {
     /// [blocks delivery](sink_core::stream::Violation::blocks_delivery) (the stream became sealed,
     /// a mirror, interest retention, ...) nothing is published and events stay queued; the others
     /// (a shorter `max_age`, a per-subject limit, rollups, ...) are reported and delivery goes on.
-    /// Re-verified on every reconnect and every [`SinkConfig::reverify_interval`].
+    /// Re-verified on every reconnect and every [`SinkConfig::reverify_interval`](crate::SinkConfig::reverify_interval).
     pub stream_violations: Vec<Violation>,
     /// Why the ordering mode in force differs from the configured one, when the driver switched
     /// it (chaining is unsafe on this server and stream, see [`sink_core::capability`]); `None`
