@@ -18,6 +18,7 @@ pub use cluster::Cluster;
 pub use server::{HarnessError, NatsServer, ServerAuth, ServerOptions, ServerVersion};
 pub mod broker;
 pub mod clock;
+pub mod fastbroker;
 pub mod sim;
 pub mod strategies;
 pub use broker::{
