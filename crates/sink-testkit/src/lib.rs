@@ -19,6 +19,7 @@ pub use server::{HarnessError, NatsServer, ServerAuth, ServerOptions, ServerVers
 pub mod broker;
 pub mod clock;
 pub mod fastbroker;
+pub mod lanesim;
 pub mod sim;
 pub mod strategies;
 pub use broker::{
