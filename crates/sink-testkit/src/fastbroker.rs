@@ -462,8 +462,14 @@ impl FastBroker {
         if rs.seq == 1 && !commit {
             out.replies.push(flow_body(0, b.ack_messages));
         }
-        if let Some(code) = terminal {
-            if b.lseq == 0 {
+        let msg_id = publish
+            .msg_id
+            .unwrap_or_else(|| MsgId::from_raw(String::new()));
+        // A duplicate is skipped before any other check can refuse it.
+        let duplicate = self.duplicate_of(&msg_id, now);
+        let first = self.batches.get(&id).is_some_and(|b| b.lseq == 0);
+        if let (Some(code), None) = (terminal, duplicate) {
+            if first {
                 self.batches.remove(&id);
                 out.replies.push(error_body(
                     &stream,
@@ -482,10 +488,6 @@ impl FastBroker {
             }
             return;
         }
-        let msg_id = publish
-            .msg_id
-            .unwrap_or_else(|| MsgId::from_raw(String::new()));
-        let duplicate = self.duplicate_of(&msg_id, now);
         let sseq = match duplicate {
             Some(_) => None,
             None => Some(self.store(msg_id, publish.subject, now)),
