@@ -171,3 +171,23 @@ async fn a_re_emitted_event_gets_a_duplicate_receipt_naming_the_first_sequence()
     assert_eq!(again.msg_id, first.msg_id);
     assert_eq!(line.broker(|b| b.stored().len()), 2);
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_connection_lost_mid_window_re_sends_what_was_in_flight_and_stores_each_event_once() {
+    let _wall = WallClock::start();
+    let (sink, line) = sink_on(FaultScript::none().at(20, Fault::ConnectionLoss));
+    let mut pending = Vec::new();
+    for i in 0..50 {
+        pending.push(sink.send(event("cut", i, 1)).await.expect("accepted"));
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(sink.health().queued > 0, "{:?}", sink.health());
+    line.reconnect();
+    for (i, p) in pending.into_iter().enumerate() {
+        let receipt = p.await.expect("delivered after the reconnect");
+        assert_eq!(receipt.sequence, i as u64 + 1, "event {i}");
+    }
+    let stored = line.broker(|b| b.stored().len());
+    assert_eq!(stored, 50, "each event stored once");
+    assert!(line.sent().len() > 50, "what was in flight was re-sent");
+}

@@ -4,7 +4,8 @@
 //! Publishes reach the broker with the headers the driver wrote (`Nats-Msg-Id`,
 //! `Nats-Expected-Last-Msg-Id`); its replies come back as the NATS messages a server sends (a
 //! JSON ack or API error, or a 503/429 status), so the driver's own classification runs too. While
-//! the connection is down, publishes vanish.
+//! the connection is down (`Line::disconnect`, or a scripted `Fault::ConnectionLoss`, until
+//! `Line::reconnect`), publishes vanish.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
@@ -46,6 +47,8 @@ pub struct ScriptedTransport {
     state: Arc<Mutex<State>>,
     wake: Arc<Notify>,
     origin: Instant,
+    /// For a connection the broker's script drops ([`sink_testkit::Fault::ConnectionLoss`]).
+    events: mpsc::UnboundedSender<Event>,
 }
 
 /// The test's side of the same connection: faults, outages, what was sent.
@@ -75,6 +78,7 @@ pub fn scripted(
         state: state.clone(),
         wake: wake.clone(),
         origin: Instant::now(),
+        events: events.clone(),
     };
     (
         transport,
@@ -167,6 +171,11 @@ impl Transport for ScriptedTransport {
             attempt: 1,
         };
         s.broker.receive(request, Instant::now().into_std());
+        if s.broker.take_connection_lost() {
+            // Down until the test calls `Line::reconnect`.
+            s.up = false;
+            let _ = self.events.send(Event::Disconnected);
+        }
         drop(s);
         self.wake.notify_one();
         Ok(())
