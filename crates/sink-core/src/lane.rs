@@ -675,8 +675,8 @@ impl Lane {
             }
             BatchAnswer::Disabled(rejection) => {
                 self.broker_answered(now);
-                self.end_batch(None, BatchEnd::Refused(rejection.to_string()), now);
                 self.gate = Gate::Disabled;
+                self.end_batch(None, BatchEnd::Refused(rejection.to_string()), now);
                 self.outputs.push_back(LaneOutput::Disabled(rejection));
             }
             BatchAnswer::Refused(failure) => {
@@ -924,7 +924,7 @@ impl Lane {
             }
             return;
         }
-        if !clean && !self.entries.is_empty() {
+        if !clean && !self.entries.is_empty() && self.gate != Gate::Disabled {
             self.fail(reason, now);
         }
     }
@@ -1107,5 +1107,142 @@ fn failure_text(failure: &Failure) -> String {
         Failure::InProcess => "duplicate message id is in process (10158)".into(),
         Failure::WrongLastMsgId { actual } => format!("wrong last msg id {actual:?}"),
         Failure::Terminal(r) => r.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn config_validation_names_the_field_and_the_bound() {
+        let ok = LaneConfig::default();
+        assert_eq!(ok.validate(), Ok(()));
+        let s = Duration::from_secs;
+        let table: Vec<(LaneConfig, LaneConfigError)> = vec![
+            (
+                LaneConfig {
+                    flow: 0,
+                    ..ok.clone()
+                },
+                LaneConfigError::Zero { field: "flow" },
+            ),
+            (
+                LaneConfig {
+                    max_events: 0,
+                    ..ok.clone()
+                },
+                LaneConfigError::Zero {
+                    field: "max_events",
+                },
+            ),
+            (
+                LaneConfig {
+                    outstanding_acks: 4,
+                    ..ok.clone()
+                },
+                LaneConfigError::OutstandingAcks { found: 4 },
+            ),
+            (
+                LaneConfig {
+                    ack_timeout: Duration::ZERO,
+                    ..ok.clone()
+                },
+                LaneConfigError::ZeroDuration {
+                    field: "ack_timeout",
+                },
+            ),
+            (
+                LaneConfig {
+                    ack_timeout: s(5),
+                    ..ok.clone()
+                },
+                LaneConfigError::NotBelowBatchTimeout {
+                    field: "ack_timeout",
+                    found: s(5),
+                    limit: s(5),
+                },
+            ),
+            (
+                LaneConfig {
+                    keepalive: s(10),
+                    ..ok.clone()
+                },
+                LaneConfigError::NotBelowBatchTimeout {
+                    field: "keepalive",
+                    found: s(10),
+                    limit: s(10),
+                },
+            ),
+            (
+                LaneConfig {
+                    commit_linger: s(11),
+                    ..ok.clone()
+                },
+                LaneConfigError::NotBelowBatchTimeout {
+                    field: "commit_linger",
+                    found: s(11),
+                    limit: s(10),
+                },
+            ),
+        ];
+        for (config, error) in table {
+            assert_eq!(config.validate(), Err(error.clone()));
+            assert!(Lane::new(config).is_err());
+            assert!(!error.to_string().is_empty());
+        }
+    }
+
+    fn message(id: &str) -> Message {
+        Message {
+            subject: "events.a".into(),
+            msg_id: crate::event::MsgId::from_raw(id.into()),
+            headers: Vec::new(),
+            body: bytes::Bytes::from_static(b"x"),
+            key: String::new(),
+        }
+    }
+
+    fn transmit(out: Option<LaneOutput>) -> LaneTransmit {
+        match out {
+            Some(LaneOutput::Transmit(t)) => t,
+            other => panic!("expected a transmit, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn the_window_is_the_ack_interval_times_the_outstanding_acks() {
+        let now = sink_testkit::FakeClock::new().now();
+        let mut lane = Lane::new(LaneConfig::default()).expect("valid");
+        for i in 0..10 {
+            lane.push(message(&format!("m{i}")), 0, now).expect("room");
+        }
+        let start = transmit(lane.poll_output(now));
+        assert_eq!((start.reply.seq, start.reply.op), (1, BatchOp::Start));
+        assert_eq!(
+            lane.poll_output(now),
+            None,
+            "nothing before the first reply"
+        );
+        lane.handle_reply(&start.reply, BatchAnswer::Flow { seq: 0, msgs: 2 }, now);
+        let seqs: Vec<u64> = std::iter::from_fn(|| lane.poll_output(now))
+            .map(|o| transmit(Some(o)).reply.seq)
+            .collect();
+        assert_eq!(seqs, [2, 3, 4], "2 acks of 2 outstanding");
+        assert_eq!(lane.in_flight(), 4);
+        lane.handle_reply(&start.reply, BatchAnswer::Flow { seq: 2, msgs: 2 }, now);
+        let outputs: Vec<LaneOutput> = std::iter::from_fn(|| lane.poll_output(now)).collect();
+        assert!(matches!(
+            &outputs[..2],
+            [
+                LaneOutput::Delivered { seq: 1, .. },
+                LaneOutput::Delivered { seq: 2, .. }
+            ]
+        ));
+        let sent: Vec<u64> = outputs[2..]
+            .iter()
+            .map(|o| transmit(Some(o.clone())).reply.seq)
+            .collect();
+        assert_eq!(sent, [5, 6]);
     }
 }

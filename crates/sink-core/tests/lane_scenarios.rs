@@ -381,3 +381,119 @@ fn a_restart_drops_the_connection_and_the_batch_and_nothing_is_lost_or_reordered
     +0.103s p1 batch 1-2 ended at 3: committed
     "#);
 }
+
+#[test]
+fn a_message_failing_a_check_is_rejected_and_the_lane_goes_on_at_once() {
+    // Publish 2 (event #3) fails a check (error 10054); the server commits at 2.
+    let mut sim = sim(
+        config(500),
+        1,
+        FastFaults::none().at(2, FastFault::Terminal { code: 10054 }),
+    );
+    for _ in 0..4 {
+        sim.push(0, 8).expect("room");
+    }
+    finish(&mut sim);
+    assert_eq!(stored_ids(&sim), ["p0-m1", "p0-m2", "p0-m4"]);
+    assert_eq!(sim.stats().retrying, 0, "a rejection is no failure episode");
+    insta::assert_snapshot!(sim.trace_text(), @r#"
+    +0.000s p0 push #1 p0-m1
+    +0.000s p0 push #2 p0-m2
+    +0.000s p0 push #3 p0-m3
+    +0.000s p0 push #4 p0-m4
+    +0.000s p0 send #1 p0-m1 batch 0-1 seq 1 op Start
+    +0.001s p0 reply batch 0-1 seq 1: {"msgs":500,"seq":0,"type":"ack"}
+    +0.001s p0 send #2 p0-m2 batch 0-1 seq 2 op Append
+    +0.001s p0 send #3 p0-m3 batch 0-1 seq 3 op Append
+    +0.001s p0 send #4 p0-m4 batch 0-1 seq 4 op Append
+    +0.001s p0 send control batch 0-1 seq 5 op CommitEob
+    +0.002s p0 reply batch 0-1 seq 3: {"error":{"code":400,"description":"message rejected by the stream","err_code":10054},"seq":3,"type":"err"}
+    +0.002s p0 reply batch 0-1 seq 3: {"batch":"63cbe1e459320dd7-0-1","count":2,"seq":2,"stream":"EVENTS"}
+    +0.002s p0 delivered #1 batch 0-1 seq 1
+    +0.002s p0 delivered #2 batch 0-1 seq 2
+    +0.002s p0 rejected #3: message rejected by the stream (error 10054)
+    +0.002s p0 batch 0-1 ended at 2: refused: message rejected by the stream (error 10054)
+    +0.002s p0 send #4 p0-m4 batch 0-2 seq 1 op Commit
+    +0.002s p0 reply batch 0-1 seq 4: {"error":{"code":404,"description":"batch publish ID unknown","err_code":10208},"seq":0,"stream":"EVENTS"}
+    +0.002s p0 reply batch 0-1 seq 5: {"error":{"code":404,"description":"batch publish ID unknown","err_code":10208},"seq":0,"stream":"EVENTS"}
+    +0.003s p0 reply batch 0-2 seq 1: {"batch":"63cbe1e459320dd7-0-2","count":1,"seq":3,"stream":"EVENTS"}
+    +0.003s p0 delivered #4 batch 0-2 seq 1
+    +0.003s p0 batch 0-2 ended at 1: committed
+    "#);
+}
+
+#[test]
+fn repeated_refusals_run_the_retry_schedule_then_the_breaker_then_one_probe_batch() {
+    // The first four publishes (each a batch start) meet a full ingest queue.
+    let faults = (0..4).fold(FastFaults::none(), |f, i| f.at(i, FastFault::Overloaded));
+    let mut sim = sim(config(500), 1, faults);
+    sim.push(0, 8).expect("room");
+    sim.push(0, 8).expect("room");
+    finish(&mut sim);
+    assert_eq!(stored_ids(&sim), ["p0-m1", "p0-m2"]);
+    insta::assert_snapshot!(sim.trace_text(), @r#"
+    +0.000s p0 push #1 p0-m1
+    +0.000s p0 push #2 p0-m2
+    +0.000s p0 send #1 p0-m1 batch 0-1 seq 1 op Start
+    +0.001s p0 reply batch 0-1 seq 1: {"error":{"code":429,"description":"ingest queue full"},"seq":0,"stream":"EVENTS"}
+    +0.001s p0 batch 0-1 ended at 0: refused: ingest queue full
+    +0.001s p0 retrying from #1 in 100ms: refused: ingest queue full
+    +0.101s p0 send #1 p0-m1 batch 0-2 seq 1 op Start
+    +0.102s p0 reply batch 0-2 seq 1: {"error":{"code":429,"description":"ingest queue full"},"seq":0,"stream":"EVENTS"}
+    +0.102s p0 batch 0-2 ended at 0: refused: ingest queue full
+    +0.102s p0 retrying from #1 in 400ms: refused: ingest queue full
+    +0.502s p0 send #1 p0-m1 batch 0-3 seq 1 op Start
+    +0.503s p0 reply batch 0-3 seq 1: {"error":{"code":429,"description":"ingest queue full"},"seq":0,"stream":"EVENTS"}
+    +0.503s p0 batch 0-3 ended at 0: refused: ingest queue full
+    +0.503s p0 breaker opened until +0.603s (attempt 0)
+    +0.603s p0 breaker HalfOpened
+    +0.603s p0 send #1 p0-m1 batch 0-4 seq 1 op Start (probe)
+    +0.604s p0 reply batch 0-4 seq 1: {"error":{"code":429,"description":"ingest queue full"},"seq":0,"stream":"EVENTS"}
+    +0.604s p0 batch 0-4 ended at 0: refused: ingest queue full
+    +0.604s p0 breaker opened until +0.804s (attempt 1)
+    +0.804s p0 breaker HalfOpened
+    +0.804s p0 send #1 p0-m1 batch 0-5 seq 1 op Start (probe)
+    +0.805s p0 reply batch 0-5 seq 1: {"msgs":500,"seq":0,"type":"ack"}
+    +0.805s p0 breaker Closed
+    +0.805s p0 send #2 p0-m2 batch 0-5 seq 2 op Append
+    +0.805s p0 send control batch 0-5 seq 3 op CommitEob
+    +0.806s p0 reply batch 0-5 seq 3: {"batch":"63cbe1e459320dd7-0-5","count":2,"seq":2,"stream":"EVENTS"}
+    +0.806s p0 delivered #1 batch 0-5 seq 1
+    +0.806s p0 delivered #2 batch 0-5 seq 2
+    +0.806s p0 batch 0-5 ended at 2: committed
+    "#);
+}
+
+#[test]
+fn a_stream_without_allow_batched_disables_the_lane_and_keeps_its_events() {
+    let broker = FastBroker::new(
+        FastBrokerConfig {
+            allow_batched: false,
+            ..FastBrokerConfig::default()
+        },
+        FastFaults::none(),
+    );
+    let mut sim = LaneSim::new(config(500), 1, broker).expect("valid lane config");
+    for _ in 0..3 {
+        sim.push(0, 8).expect("room");
+    }
+    sim.run_for(Duration::from_secs(60));
+    let lane = sim.producer(0).lane();
+    assert!(lane.is_disabled());
+    assert_eq!(
+        lane.len(),
+        3,
+        "held for the owner to abandon into another mode"
+    );
+    assert!(sim.broker().stored().is_empty());
+    assert_eq!(sim.broker().publishes(), 1, "nothing after the 10205");
+    insta::assert_snapshot!(sim.trace_text(), @r#"
+    +0.000s p0 push #1 p0-m1
+    +0.000s p0 push #2 p0-m2
+    +0.000s p0 push #3 p0-m3
+    +0.000s p0 send #1 p0-m1 batch 0-1 seq 1 op Start
+    +0.001s p0 reply batch 0-1 seq 1: {"error":{"code":400,"description":"batch publish is disabled","err_code":10205},"seq":0,"stream":"EVENTS"}
+    +0.001s p0 batch 0-1 ended at 0: refused: batch publish is disabled (error 10205)
+    +0.001s p0 disabled: batch publish is disabled (error 10205)
+    "#);
+}

@@ -465,7 +465,8 @@ impl FastBroker {
         let msg_id = publish
             .msg_id
             .unwrap_or_else(|| MsgId::from_raw(String::new()));
-        // A duplicate is skipped before any other check can refuse it.
+        // The server checks the msg id before the checks on content and limits
+        // (`checkMsgHeadersPreClusteredProposal`): a duplicate is skipped, not refused.
         let duplicate = self.duplicate_of(&msg_id, now);
         let first = self.batches.get(&id).is_some_and(|b| b.lseq == 0);
         if let (Some(code), None) = (terminal, duplicate) {

@@ -531,7 +531,16 @@ impl LaneSim {
                     delay.as_millis()
                 ));
             }
-            LaneOutput::Breaker(event) => self.note(format!("p{p} breaker {event:?}")),
+            LaneOutput::Breaker(event) => {
+                let text = match event {
+                    sink_core::breaker::BreakerEvent::Opened { until, attempt } => format!(
+                        "opened until {} (attempt {attempt})",
+                        self.clock.stamp_at(until)
+                    ),
+                    other => format!("{other:?}"),
+                };
+                self.note(format!("p{p} breaker {text}"));
+            }
             LaneOutput::Disabled(r) => self.note(format!("p{p} disabled: {r}")),
         }
     }
