@@ -979,18 +979,6 @@ fn import_cycles(edges: &BTreeMap<String, BTreeSet<String>>) -> Vec<String> {
     cycles
 }
 
-/// Import cycles that predate the rule, outside the crates that follow it already: (source
-/// directory, cycle as [`import_cycles`] shows it). Each is to be broken by moving what both
-/// modules need into a module of its own; the test fails once one is gone, so the list only
-/// shrinks.
-const KNOWN_IMPORT_CYCLES: [(&str, &str); 2] = [
-    (
-        "crates/sink-core/src",
-        "backoff -> stream, stream -> backoff",
-    ),
-    ("crates/sink-testkit/src", "server -> tls, tls -> server"),
-];
-
 #[test]
 fn no_two_modules_of_a_crate_import_from_each_other() {
     let root = project_root();
@@ -1007,20 +995,8 @@ fn no_two_modules_of_a_crate_import_from_each_other() {
             .into_iter()
             .map(|(module, path)| (module, code_lines(&read(&path)).join("\n")))
             .collect();
-        let known: Vec<&str> = KNOWN_IMPORT_CYCLES
-            .iter()
-            .filter(|(dir, _)| *dir == shown(&src))
-            .map(|(_, cycle)| *cycle)
-            .collect();
-        let found = import_cycles(&import_edges(&sources));
-        for cycle in found.iter().filter(|c| !known.contains(&c.as_str())) {
+        for cycle in import_cycles(&import_edges(&sources)) {
             violations.push(format!("{}: {cycle}", shown(&src)));
-        }
-        for gone in known.iter().filter(|k| !found.iter().any(|c| c == *k)) {
-            violations.push(format!(
-                "{}: {gone} is no longer a cycle; remove it from KNOWN_IMPORT_CYCLES",
-                shown(&src)
-            ));
         }
     }
     assert_none(

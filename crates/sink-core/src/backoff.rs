@@ -9,8 +9,6 @@ use std::time::{Duration, Instant};
 
 use thiserror::Error;
 
-use crate::stream::fmt_duration;
-
 /// How far ahead a deadline goes when `now + delay` does not fit in an [`Instant`]: far enough to
 /// mean "never" for any process, small enough to add to any real clock reading.
 pub const FAR_FUTURE: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
@@ -294,6 +292,35 @@ fn duration_from_nanos(nanos: u128) -> Duration {
     let sub = (nanos % NANOS_PER_SEC) as u32;
     Duration::new(secs, sub)
 }
+
+/// Formats a duration exactly in human units: `90d`, `2m`, `1h30m`, `1s500ms`, `0s`.
+///
+/// Components are days, hours, minutes, seconds and milliseconds; a sub-millisecond remainder is
+/// shown as `us` / `ns` so that no value is rounded (89d23h59m59s999ms stays distinct from 90d).
+pub fn fmt_duration(d: Duration) -> String {
+    if d.is_zero() {
+        return "0s".to_owned();
+    }
+    let secs = d.as_secs();
+    let nanos = d.subsec_nanos();
+    let parts = [
+        (secs / SECS_PER_DAY, "d"),
+        (secs % SECS_PER_DAY / 3_600, "h"),
+        (secs % 3_600 / 60, "m"),
+        (secs % 60, "s"),
+        (u64::from(nanos / 1_000_000), "ms"),
+        (u64::from(nanos / 1_000 % 1_000), "us"),
+        (u64::from(nanos % 1_000), "ns"),
+    ];
+    parts
+        .iter()
+        .filter(|(n, _)| *n != 0)
+        .map(|(n, unit)| format!("{n}{unit}"))
+        .collect()
+}
+
+/// Seconds in a day.
+const SECS_PER_DAY: u64 = 86_400;
 
 #[cfg(test)]
 mod tests {

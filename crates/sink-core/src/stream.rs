@@ -14,6 +14,7 @@
 use std::fmt;
 use std::time::Duration;
 
+pub use crate::backoff::fmt_duration;
 use crate::backoff::RetrySchedule;
 
 const SECS_PER_DAY: u64 = 86_400;
@@ -727,32 +728,6 @@ pub fn verify(facts: &StreamFacts, req: &StreamRequirements) -> Vec<Violation> {
         });
     }
     out
-}
-
-/// Formats a duration exactly in human units: `90d`, `2m`, `1h30m`, `1s500ms`, `0s`.
-///
-/// Components are days, hours, minutes, seconds and milliseconds; a sub-millisecond remainder is
-/// shown as `us` / `ns` so that no value is rounded (89d23h59m59s999ms stays distinct from 90d).
-pub fn fmt_duration(d: Duration) -> String {
-    if d.is_zero() {
-        return "0s".to_owned();
-    }
-    let secs = d.as_secs();
-    let nanos = d.subsec_nanos();
-    let parts = [
-        (secs / SECS_PER_DAY, "d"),
-        (secs % SECS_PER_DAY / 3_600, "h"),
-        (secs % 3_600 / 60, "m"),
-        (secs % 60, "s"),
-        (u64::from(nanos / 1_000_000), "ms"),
-        (u64::from(nanos / 1_000 % 1_000), "us"),
-        (u64::from(nanos % 1_000), "ns"),
-    ];
-    parts
-        .iter()
-        .filter(|(n, _)| *n != 0)
-        .map(|(n, unit)| format!("{n}{unit}"))
-        .collect()
 }
 
 /// True iff every concrete subject matching `filter` also matches `stream_subject`.

@@ -10,7 +10,27 @@ use rcgen::{
 };
 use tempfile::TempDir;
 
-use crate::server::HarnessError;
+/// Why TLS material could not be made.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum TlsError {
+    /// A file or directory operation failed.
+    #[error("could not {action}: {source}")]
+    Io {
+        /// What was being done.
+        action: String,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// Generating a key or certificate failed.
+    #[error("could not generate TLS material ({step}): {reason}")]
+    Tls {
+        /// The step that failed.
+        step: &'static str,
+        /// The generator's error.
+        reason: String,
+    },
+}
 
 /// PEM files of a freshly generated CA, server certificate and client certificate.
 ///
@@ -56,11 +76,11 @@ impl TlsFiles {
 
 /// Generates a new CA, a server certificate for `127.0.0.1`/`::1`/`localhost` and a client
 /// certificate (CN `jetsink-test-client`), all signed by that CA, into a new temporary directory.
-pub fn generate() -> Result<TlsFiles, HarnessError> {
+pub fn generate() -> Result<TlsFiles, TlsError> {
     let dir = tempfile::Builder::new()
         .prefix("jetsink-tls-")
         .tempdir()
-        .map_err(|source| HarnessError::Io {
+        .map_err(|source| TlsError::Io {
             action: "create a temporary directory for TLS files".to_owned(),
             source,
         })?;
@@ -130,15 +150,15 @@ pub fn generate() -> Result<TlsFiles, HarnessError> {
     Ok(files)
 }
 
-fn write(path: &Path, contents: &str) -> Result<(), HarnessError> {
-    std::fs::write(path, contents).map_err(|source| HarnessError::Io {
+fn write(path: &Path, contents: &str) -> Result<(), TlsError> {
+    std::fs::write(path, contents).map_err(|source| TlsError::Io {
         action: format!("write {}", path.display()),
         source,
     })
 }
 
-fn tls_err(step: &'static str) -> impl Fn(rcgen::Error) -> HarnessError {
-    move |e| HarnessError::Tls {
+fn tls_err(step: &'static str) -> impl Fn(rcgen::Error) -> TlsError {
+    move |e| TlsError::Tls {
         step,
         reason: e.to_string(),
     }
