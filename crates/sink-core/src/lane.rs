@@ -631,6 +631,11 @@ impl Lane {
         if self.answer_deadline(b).is_some_and(|t| now >= t) {
             if b.pinged.is_some() {
                 self.end_batch(None, BatchEnd::NoAnswer, now);
+            } else if matches!(b.stage, Stage::Committing | Stage::Ending(_)) {
+                // The commit may never have arrived (lost on its way to a deposed leader): a
+                // ping would only be answered with flow acks. Send the commit again; a server
+                // already committing skips it, one that is done answers 10208.
+                self.commit_again(now);
             } else {
                 self.ping(now);
             }
@@ -785,6 +790,28 @@ impl Lane {
                 gap: GapMode::Fail,
                 seq: b.sent.max(1),
                 op: BatchOp::Ping,
+            },
+            probe: false,
+        };
+        self.outputs.push_back(LaneOutput::Transmit(t));
+    }
+
+    /// Re-sends the end-of-batch commit of a batch whose final PubAck is overdue.
+    fn commit_again(&mut self, now: Instant) {
+        let flow = self.config.flow;
+        let Some(b) = self.batch.as_mut() else { return };
+        b.pinged = Some(now);
+        b.last_tx = now;
+        let t = LaneTransmit {
+            payload: Payload::Control {
+                subject: b.subject.clone(),
+            },
+            reply: ReplySubject {
+                batch_id: b.id.clone(),
+                flow,
+                gap: GapMode::Fail,
+                seq: b.sent + 1,
+                op: BatchOp::CommitEob,
             },
             probe: false,
         };

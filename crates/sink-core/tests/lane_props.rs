@@ -112,6 +112,16 @@ impl ReferenceStateMachine for Model {
         .boxed()
     }
 
+    fn preconditions(state: &RefState, transition: &Transition) -> bool {
+        // Shrinking may lower the producer count under a transition picked for a higher one.
+        match transition {
+            Transition::Push { producer, .. } | Transition::Reemit { producer, .. } => {
+                *producer < state.producers
+            }
+            _ => true,
+        }
+    }
+
     fn apply(mut state: RefState, transition: &Transition) -> RefState {
         match transition {
             Transition::Push { producer, .. } => state.pushes[*producer] += 1,

@@ -497,3 +497,35 @@ fn a_stream_without_allow_batched_disables_the_lane_and_keeps_its_events() {
     +0.001s p0 disabled: batch publish is disabled (error 10205)
     "#);
 }
+
+#[test]
+fn a_commit_lost_to_a_leader_change_is_sent_again_when_its_pubak_is_overdue() {
+    // Publish 2, the end-of-batch commit, reaches a deposed leader. The new leader flow-acks
+    // both events but, never having seen the commit, answers pings with flow acks only: the
+    // lane re-sends the commit after the ack timeout. (Found by the property test: the lane
+    // pinged such a batch forever.)
+    let mut sim = sim(
+        config(500),
+        1,
+        FastFaults::none().at(2, FastFault::LeaderChange { lost: 1 }),
+    );
+    sim.push(0, 8).expect("room");
+    sim.push(0, 8).expect("room");
+    finish(&mut sim);
+    assert_eq!(stored_ids(&sim), ["p0-m1", "p0-m2"]);
+    assert_eq!(sim.broker().open_batches(), 0);
+    insta::assert_snapshot!(sim.trace_text(), @r#"
+    +0.000s p0 push #1 p0-m1
+    +0.000s p0 push #2 p0-m2
+    +0.000s p0 send #1 p0-m1 batch 0-1 seq 1 op Start
+    +0.001s p0 reply batch 0-1 seq 1: {"msgs":500,"seq":0,"type":"ack"}
+    +0.001s p0 send #2 p0-m2 batch 0-1 seq 2 op Append
+    +0.001s p0 send control batch 0-1 seq 3 op CommitEob
+    +0.002s p0 reply batch 0-1 seq 2: {"msgs":500,"seq":2,"type":"ack"}
+    +0.002s p0 delivered #1 batch 0-1 seq 1
+    +0.002s p0 delivered #2 batch 0-1 seq 2
+    +1.002s p0 send control batch 0-1 seq 3 op CommitEob
+    +1.003s p0 reply batch 0-1 seq 3: {"batch":"63cbe1e459320dd7-0-1","count":2,"seq":2,"stream":"EVENTS"}
+    +1.003s p0 batch 0-1 ended at 2: committed
+    "#);
+}
