@@ -36,8 +36,12 @@
 //!    server's duplicate window and confirmed like any other.
 //!
 //! While a batch is open and nothing goes out, the lane pings (op 4) every
-//! [`LaneConfig::keepalive`] (below the server's 10 s timeout); while it waits for an answer it
-//! pings after [`LaneConfig::ack_timeout`], and gives the batch up one `ack_timeout` later.
+//! [`LaneConfig::keepalive`] (below the server's 10 s timeout). While it waits for an answer
+//! (the first reply, a flow ack with the window full, the final PubAck) it acts after
+//! [`LaneConfig::ack_timeout`]: a ping, or for an overdue PubAck the commit again (the commit may
+//! have been lost on its way to a deposed leader, and pings are only answered with flow acks); if
+//! that is not answered within one more `ack_timeout` the batch is given up (its fate on the
+//! server does not matter: the next batch re-sends from the last confirmed event, same ids).
 //!
 //! # The guarantee
 //!
@@ -535,6 +539,11 @@ impl Lane {
         self.index_of(seq).map(|i| &self.entries[i].message)
     }
 
+    /// The unix millis a held event was accepted at.
+    pub fn accepted_at(&self, seq: EventSeq) -> Option<u64> {
+        self.index_of(seq).map(|i| self.entries[i].unix_ms)
+    }
+
     /// Accepts an event. `unix_ms` is the wall time to persist with it.
     pub fn push(
         &mut self,
@@ -579,6 +588,18 @@ impl Lane {
             return Some(out);
         }
         self.next_transmit(now).map(LaneOutput::Transmit)
+    }
+
+    /// The next event (delivered, rejected, batch ended, retrying, breaker, disabled) without
+    /// starting any transmission: for a driver that must not publish for now but still reports
+    /// the outcomes of what is in flight. Control messages the lane has queued (a ping, a commit)
+    /// stay queued for the next [`poll_output`](Self::poll_output).
+    pub fn poll_event(&mut self) -> Option<LaneOutput> {
+        let i = self
+            .outputs
+            .iter()
+            .position(|o| !matches!(o, LaneOutput::Transmit(_)))?;
+        self.outputs.remove(i)
     }
 
     /// The next deadline (linger, keepalive, ack timeout, retry delay, breaker), if any. Early
@@ -1235,6 +1256,36 @@ mod tests {
             Some(LaneOutput::Transmit(t)) => t,
             other => panic!("expected a transmit, got {other:?}"),
         }
+    }
+
+    #[test]
+    fn poll_event_reports_outcomes_and_sends_nothing() {
+        let now = sink_testkit::FakeClock::new().now();
+        let mut lane = Lane::new(LaneConfig::default()).expect("valid");
+        for i in 0..3 {
+            lane.push(message(&format!("m{i}")), 0, now).expect("room");
+        }
+        assert_eq!(
+            lane.poll_event(),
+            None,
+            "a start is a transmission, not an event"
+        );
+        let start = transmit(lane.poll_output(now));
+        lane.handle_reply(&start.reply, BatchAnswer::Flow { seq: 0, msgs: 1 }, now);
+        let _ = transmit(lane.poll_output(now));
+        lane.handle_reply(&start.reply, BatchAnswer::Flow { seq: 2, msgs: 1 }, now);
+        assert!(matches!(
+            lane.poll_event(),
+            Some(LaneOutput::Delivered { seq: 1, .. })
+        ));
+        assert!(matches!(
+            lane.poll_event(),
+            Some(LaneOutput::Delivered { seq: 2, .. })
+        ));
+        assert_eq!(lane.poll_event(), None);
+        assert_eq!(lane.accepted_at(3), Some(0));
+        let next = transmit(lane.poll_output(now));
+        assert_eq!((next.payload, next.reply.seq), (Payload::Event(3), 3));
     }
 
     #[test]
