@@ -337,3 +337,58 @@ fn stream_holds_each_producers_events_in_order_with_many_producers_interleaving(
     assert_eq!(delivered, sim.broker().stored().len());
     assert_eq!(by_producer.len(), 4, "{by_producer:?}");
 }
+
+/// Runs pushes `(producer, wait before the push in microseconds)` without faults; returns the
+/// largest push-to-receipt latency.
+fn worst_latency(producers: usize, pushes: &[(usize, u64)]) -> Duration {
+    let mut sim = LaneSim::new(
+        lane_config(500),
+        producers,
+        FastBroker::new(FastBrokerConfig::default(), FastFaults::none()),
+    )
+    .expect("valid config");
+    for &(p, wait) in pushes {
+        sim.run_for(Duration::from_micros(wait));
+        sim.push(p % producers, 8).expect("room");
+        sim.settle();
+    }
+    if let Err(e) = sim.finish(FINISH_WITHIN) {
+        fail_with_trace(&sim, &e);
+    }
+    (0..producers)
+        .flat_map(|p| {
+            let producer = sim.producer(p);
+            producer
+                .pushed()
+                .keys()
+                .map(|seq| producer.latency(*seq).expect("every event has an outcome"))
+                .collect::<Vec<_>>()
+        })
+        .max()
+        .unwrap_or_default()
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 128, ..ProptestConfig::default() })]
+
+    /// Low rate, low latency: an event that finds its lane idle is confirmed one round trip
+    /// (the broker's 1 ms) after it is pushed.
+    #[test]
+    fn at_a_low_rate_every_event_is_confirmed_within_one_round_trip(
+        producers in 1usize..=3,
+        pushes in prop::collection::vec((0usize..3, 2_000u64..50_000), 1..40),
+    ) {
+        prop_assert_eq!(worst_latency(producers, &pushes), Duration::from_millis(1));
+    }
+
+    /// At any rate that does not fill the window, an event waits at most for the batch being
+    /// committed (1 round trip), a new batch's first reply (1) and its commit (1).
+    #[test]
+    fn at_a_moderate_rate_every_event_is_confirmed_within_three_round_trips(
+        producers in 1usize..=3,
+        pushes in prop::collection::vec((0usize..3, 0u64..1_500), 1..80),
+    ) {
+        let worst = worst_latency(producers, &pushes);
+        prop_assert!(worst <= Duration::from_millis(3), "{worst:?}");
+    }
+}

@@ -58,6 +58,8 @@ pub struct Producer {
     pushed: BTreeMap<EventSeq, MsgId>,
     by_msg_id: HashMap<MsgId, Vec<EventSeq>>,
     outcomes: BTreeMap<EventSeq, LaneOutcome>,
+    /// When each accepted push happened and when its outcome was reported.
+    times: BTreeMap<EventSeq, (Instant, Option<Instant>)>,
     next_id: u64,
 }
 
@@ -75,6 +77,12 @@ impl Producer {
     /// Every outcome reported so far.
     pub fn outcomes(&self) -> &BTreeMap<EventSeq, LaneOutcome> {
         &self.outcomes
+    }
+
+    /// Virtual time from the push of event `seq` to its outcome, once it has one.
+    pub fn latency(&self, seq: EventSeq) -> Option<Duration> {
+        let (pushed, done) = self.times.get(&seq)?;
+        done.map(|d| d.saturating_duration_since(*pushed))
     }
 }
 
@@ -125,6 +133,7 @@ impl LaneSim {
                     pushed: BTreeMap::new(),
                     by_msg_id: HashMap::new(),
                     outcomes: BTreeMap::new(),
+                    times: BTreeMap::new(),
                     next_id: 1,
                 })
             })
@@ -212,6 +221,7 @@ impl LaneSim {
         match producer.lane.push(message, 1_700_000_000_000, now) {
             Ok(seq) => {
                 producer.pushed.insert(seq, id.clone());
+                producer.times.insert(seq, (now, None));
                 producer.by_msg_id.entry(id.clone()).or_default().push(seq);
                 self.note(format!("p{p} push #{seq} {id}"));
                 Ok(seq)
@@ -595,6 +605,10 @@ impl LaneSim {
             return;
         }
         producer.outcomes.insert(seq, outcome);
+        let now = self.clock.now();
+        if let Some(t) = producer.times.get_mut(&seq) {
+            t.1 = Some(now);
+        }
     }
 
     fn violation(&mut self, text: String) {
