@@ -529,3 +529,45 @@ fn a_commit_lost_to_a_leader_change_is_sent_again_when_its_pubak_is_overdue() {
     +1.003s p0 batch 0-1 ended at 2: committed
     "#);
 }
+
+#[test]
+fn a_batch_the_server_dropped_as_idle_is_resumed_after_10208() {
+    // The server's batch timeout is 2 s, shorter than the lane was told (10 s): the batch,
+    // lingering 5 s before its commit, is dropped silently at 2 s idle, and the keepalive ping
+    // at 3.333 s learns it from 10208. Nothing is lost: the events are re-sent, same ids.
+    let broker = FastBroker::new(
+        FastBrokerConfig {
+            batch_timeout: Duration::from_secs(2),
+            ..FastBrokerConfig::default()
+        },
+        FastFaults::none(),
+    );
+    let config = LaneConfig {
+        commit_linger: Duration::from_secs(5),
+        ..config(500)
+    };
+    let mut sim = LaneSim::new(config, 1, broker).expect("valid lane config");
+    sim.push(0, 8).expect("room");
+    sim.push(0, 8).expect("room");
+    finish(&mut sim);
+    assert_eq!(stored_ids(&sim), ["p0-m1", "p0-m2"]);
+    assert_eq!(sim.broker().timed_out_batches(), 1);
+    insta::assert_snapshot!(sim.trace_text(), @r#"
+    +0.000s p0 push #1 p0-m1
+    +0.000s p0 push #2 p0-m2
+    +0.000s p0 send #1 p0-m1 batch 0-1 seq 1 op Start
+    +0.001s p0 reply batch 0-1 seq 1: {"msgs":500,"seq":0,"type":"ack"}
+    +0.001s p0 send #2 p0-m2 batch 0-1 seq 2 op Append
+    +3.334s p0 send control batch 0-1 seq 2 op Ping
+    +3.335s p0 reply batch 0-1 seq 2: {"error":{"code":404,"description":"batch publish ID unknown","err_code":10208},"seq":0,"stream":"EVENTS"}
+    +3.335s p0 batch 0-1 ended at 0: unknown batch (10208)
+    +3.335s p0 send #1 p0-m1 batch 0-2 seq 1 op Start
+    +3.336s p0 reply batch 0-2 seq 1: {"msgs":500,"seq":0,"type":"ack"}
+    +3.336s p0 send #2 p0-m2 batch 0-2 seq 2 op Append
+    +5.000s p0 send control batch 0-2 seq 3 op CommitEob
+    +5.001s p0 reply batch 0-2 seq 3: {"batch":"63cbe1e459320dd7-0-2","count":2,"seq":0,"stream":"EVENTS"}
+    +5.001s p0 delivered #1 batch 0-2 seq 1
+    +5.001s p0 delivered #2 batch 0-2 seq 2
+    +5.001s p0 batch 0-2 ended at 2: committed
+    "#);
+}
