@@ -67,8 +67,23 @@
 //! - **Bounded.** At most `max_events` / `max_bytes` held, at most `flow * outstanding_acks`
 //!   unconfirmed in a batch, one batch at a time.
 //!
-//! Never send `Nats-Expected-Last-Msg-Id` inside a fast batch: the server checks it when the
-//! message is applied, and a failure there does not reach the batch's gap check.
+//! # What the adapter does
+//!
+//! - Gives each lane its own inbox prefix (an old-style inbox, ADR-50), subscribes `<prefix>.>`
+//!   once, and publishes every [`LaneTransmit`] with the reply subject
+//!   `t.reply.format(prefix)`: an event with its `Nats-Msg-Id` (and the headers of its
+//!   [`Message`]), a [`Payload::Control`] with an empty body and no headers.
+//! - Never adds `Nats-Expected-Last-Msg-Id` (the server checks it when the message is applied,
+//!   and a failure there does not reach the batch's gap check) nor batch headers.
+//! - For each message on the inbox: [`ReplySubject::parse`] its subject (the reply subject it
+//!   answers, so it names the batch and the message), [`decode_reply`](crate::fastbatch::decode_reply)
+//!   its body, [`into_answer`](crate::fastbatch::ServerReply::into_answer) with the adapter's
+//!   JetStream error classifier, then [`Lane::handle_reply`]. A no-responders status (503, empty
+//!   body) is `BatchAnswer::Refused(Failure::Retryable { .. })`.
+//! - Maps [`LaneReceipt`] to its own receipt type: flow acks carry no stream sequence.
+//! - On [`LaneOutput::Disabled`] moves the events ([`Lane::abandon`]) to another ordering mode.
+//! - Draws [`LaneConfig::id_seed`] from the OS once per process and numbers its lanes
+//!   ([`LaneConfig::lane_tag`]).
 //!
 //! # Driving a lane
 //!
@@ -678,7 +693,9 @@ impl Lane {
         b.pinged = None;
         match answer {
             BatchAnswer::Flow { seq, msgs } => {
-                b.interval = msgs.max(1);
+                // The server never acks less often than the flow asked for; a larger value
+                // would take the lane past its bound.
+                b.interval = msgs.clamp(1, self.config.flow);
                 if b.stage == Stage::Starting {
                     b.stage = Stage::Streaming;
                 }
