@@ -21,7 +21,7 @@ use sink_core::outbox::Refused;
 use sink_testkit::fastbroker::{FastBroker, FastBrokerConfig, FastFault, FastFaults};
 use sink_testkit::lanesim::{LaneOutcome, LaneSim};
 
-const MAX_PRODUCERS: usize = 3;
+const MAX_PRODUCERS: usize = 4;
 const FINISH_WITHIN: Duration = Duration::from_secs(3600);
 
 fn fast_fault() -> impl Strategy<Value = FastFault> {
@@ -302,7 +302,7 @@ prop_state_machine! {
     #![proptest_config(config())]
 
     #[test]
-    fn lanes_on_one_stream_keep_per_producer_order_and_exactly_once_under_faults(sequential 1..60 => LanesUnderFaults);
+    fn lanes_on_one_stream_keep_per_producer_order_and_exactly_once_under_faults(sequential 1..80 => LanesUnderFaults);
 }
 
 #[test]
