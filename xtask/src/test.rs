@@ -13,6 +13,8 @@ use crate::nats_server;
 
 /// Environment variable the testkit harness reads for the 2.9.x server binary.
 const SERVER_2_9_ENV: &str = "JETSINK_NATS_SERVER_2_9";
+/// Environment variable the testkit harness reads for the 2.12.x server binary.
+const SERVER_2_12_ENV: &str = "JETSINK_NATS_SERVER_2_12";
 /// Environment variable the testkit harness reads for the 2.15.x server binary.
 const SERVER_2_15_ENV: &str = "JETSINK_NATS_SERVER_2_15";
 
@@ -102,10 +104,12 @@ pub fn run(sh: &Shell, root: &Path, options: Options) -> anyhow::Result<()> {
                 servers.print_table();
                 // Set on the shell, so every later stage (and the tests it runs) sees them.
                 sh.set_var(SERVER_2_9_ENV, &servers.v2_9);
+                sh.set_var(SERVER_2_12_ENV, &servers.v2_12);
                 sh.set_var(SERVER_2_15_ENV, &servers.v2_15);
                 println!(
-                    "{SERVER_2_9_ENV}={}\n{SERVER_2_15_ENV}={}",
+                    "{SERVER_2_9_ENV}={}\n{SERVER_2_12_ENV}={}\n{SERVER_2_15_ENV}={}",
                     servers.v2_9.display(),
+                    servers.v2_12.display(),
                     servers.v2_15.display()
                 );
                 Ok(())

@@ -238,8 +238,8 @@ async fn send_with_a_foreign_publish_midway(
 
 /// F21: another producer writes the R3 stream while the sink has publishes in flight. On 2.9 the
 /// chain breaks (10070 naming the other producer's id) and the sink falls back to per-key-serial.
-/// On 2.15 the sink never chains on a replicated stream (a failed expected-last check there stops
-/// the stream: see `replicated_stream_stops_answering_after_a_failed_expected_last_check_on_2_15`),
+/// On 2.12 and 2.15 the sink never chains on a replicated stream (a failed expected-last check
+/// there reserves the id or stops the stream: see the fact tests at the end of this file),
 /// so the other producer changes nothing. Either way nothing is rejected, nothing stalls, and the
 /// stream holds every event once, in order, plus the foreign message.
 async fn foreign_writer_mid_run(version: ServerVersion) {
@@ -301,6 +301,11 @@ async fn foreign_writer_mid_run_rejects_nothing_and_keeps_order_on_2_9() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn foreign_writer_mid_run_rejects_nothing_and_keeps_order_on_2_15() {
     foreign_writer_mid_run(ServerVersion::V2_15).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn foreign_writer_mid_run_rejects_nothing_and_keeps_order_on_2_12() {
+    foreign_writer_mid_run(ServerVersion::V2_12).await;
 }
 
 /// The whole cluster crashes and restarts while the sink is idle: the stream forgets its last
@@ -370,6 +375,34 @@ async fn whole_cluster_restart_while_idle_reanchors_without_a_stall_on_2_15() {
     whole_cluster_restart_while_idle(ServerVersion::V2_15).await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn whole_cluster_restart_while_idle_reanchors_without_a_stall_on_2_12() {
+    whole_cluster_restart_while_idle(ServerVersion::V2_12).await;
+}
+
+/// One publish of the fact tests below, with `Nats-Msg-Id: id` and, when given,
+/// `Nats-Expected-Last-Msg-Id: expect`; the reply's payload, or the request error (a timeout when
+/// the stream does not answer).
+async fn publish_fact(
+    client: &async_nats::Client,
+    id: &str,
+    expect: Option<&str>,
+) -> Result<String, async_nats::RequestError> {
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert("Nats-Msg-Id", id);
+    if let Some(last) = expect {
+        headers.insert("Nats-Expected-Last-Msg-Id", last);
+    }
+    let request = async_nats::Request::new()
+        .headers(headers)
+        .payload("x".into())
+        .timeout(Some(Duration::from_secs(3)));
+    client
+        .send_request("t.events.facts.v1", request)
+        .await
+        .map(|m| String::from_utf8_lossy(&m.payload).into_owned())
+}
+
 /// The server behaviour that rules chaining out on replicated streams of 2.14+ (read in
 /// `applyStreamMsgOp`, seen here): one publish failing its `Nats-Expected-Last-Msg-Id` check is
 /// answered 10070, and from then on the stream answers no publish at all (the servers log
@@ -386,24 +419,7 @@ async fn replicated_stream_stops_answering_after_a_failed_expected_last_check_on
         .await
         .expect("leader");
     let client = cluster.connect().await.expect("connect");
-    let publish = |id: &'static str, expect: Option<&'static str>| {
-        let client = client.clone();
-        async move {
-            let mut headers = async_nats::HeaderMap::new();
-            headers.insert("Nats-Msg-Id", id);
-            if let Some(last) = expect {
-                headers.insert("Nats-Expected-Last-Msg-Id", last);
-            }
-            let request = async_nats::Request::new()
-                .headers(headers)
-                .payload("x".into())
-                .timeout(Some(Duration::from_secs(3)));
-            client
-                .send_request("t.events.facts.v1", request)
-                .await
-                .map(|m| String::from_utf8_lossy(&m.payload).into_owned())
-        }
-    };
+    let publish = |id, expect| publish_fact(&client, id, expect);
     let a = publish("id-a", None).await.expect("a answered");
     assert!(a.contains(r#""seq":1"#), "{a}");
     let other = publish("id-other", None).await.expect("other answered");
@@ -415,4 +431,66 @@ async fn replicated_stream_stops_answering_after_a_failed_expected_last_check_on
         c.is_err(),
         "after one failed check the stream answers nothing, not even a plain publish: {c:?}"
     );
+}
+
+/// The server behaviour that rules chaining out on replicated streams of 2.11-2.13, measured on
+/// 2.12.8: one publish failing its `Nats-Expected-Last-Msg-Id` check is answered 10070, the stream
+/// keeps storing other message ids, but the failed id stays reserved: publishing it again is
+/// answered 10158 "duplicate message id is in process" until the duplicate window (3 s here) has
+/// passed, and then it is stored. `sink_core::capability::chaining_hazard` describes this.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicated_stream_reserves_a_failed_expected_last_id_for_the_window_on_2_12() {
+    let window = Duration::from_secs(3);
+    let cluster = Cluster::start(ServerVersion::V2_12)
+        .await
+        .expect("start cluster");
+    create_r3_stream_with(&cluster, |c| c.duplicate_window = window).await;
+    cluster
+        .wait_stream_leader(STREAM, None, Duration::from_secs(20))
+        .await
+        .expect("leader");
+    let client = cluster.connect().await.expect("connect");
+    let publish = |id, expect| publish_fact(&client, id, expect);
+    let a = publish("id-a", None).await.expect("a answered");
+    assert!(a.contains(r#""seq":1"#), "{a}");
+    let other = publish("id-other", None).await.expect("other answered");
+    assert!(other.contains(r#""seq":2"#), "{other}");
+    let b = publish("id-b", Some("id-a")).await.expect("b answered");
+    assert!(b.contains("10070"), "b fails its check: {b}");
+    let failed_at = Instant::now();
+    let c = publish("id-c", None)
+        .await
+        .expect("the stream still answers a new id");
+    assert!(c.contains(r#""seq":3"#), "a new id is stored: {c}");
+    let b_again = publish("id-b", None)
+        .await
+        .expect("the failed id is answered");
+    assert!(
+        b_again.contains("10158"),
+        "the failed id is still reserved within the window: {b_again}"
+    );
+    // The reservation lasts the duplicate window; the server purges expired ids on a timer, so
+    // allow a few seconds past it before calling the id stuck.
+    tokio::time::sleep(window.saturating_sub(failed_at.elapsed())).await;
+    let deadline = failed_at + window + Duration::from_secs(10);
+    let stored = loop {
+        let reply = publish("id-b", None)
+            .await
+            .expect("the failed id is answered");
+        if reply.contains(r#""seq":4"#) {
+            break reply;
+        }
+        assert!(
+            reply.contains("10158") && Instant::now() < deadline,
+            "the failed id is stored once the window has passed: {reply} after {:?}",
+            failed_at.elapsed()
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    };
+    let freed_after = failed_at.elapsed();
+    assert!(
+        freed_after >= window,
+        "reserved for the window, not less: stored after {freed_after:?}: {stored}"
+    );
+    eprintln!("2.12.8: the failed id was reserved for {freed_after:?} (window {window:?})");
 }

