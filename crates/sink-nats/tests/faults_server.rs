@@ -147,6 +147,11 @@ async fn kill_9_mid_stream_loses_nothing_and_stores_no_duplicate_on_2_15() {
     kill_9_mid_stream(ServerVersion::V2_15).await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_mid_stream_loses_nothing_and_stores_no_duplicate_on_2_12() {
+    kill_9_mid_stream(ServerVersion::V2_12).await;
+}
+
 // ---------------------------------------------------------------------------------------------
 // F3: outage longer than the duplicate window
 

@@ -63,6 +63,11 @@ async fn reemit_is_a_duplicate_receipt_and_keeps_chaining_on_2_15() {
     reemit_between_two_events(ServerVersion::V2_15).await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reemit_is_a_duplicate_receipt_and_keeps_chaining_on_2_12() {
+    reemit_between_two_events(ServerVersion::V2_12).await;
+}
+
 /// Which earlier event the `i`-th send re-emits, if any: every 5th send, alternating between one
 /// a few sends back (still in the pipeline or just acked) and one far back (long acked).
 fn reemit_of(i: usize) -> Option<usize> {
@@ -132,4 +137,9 @@ async fn many_reemits_through_a_restart_store_each_event_once_in_order_on_2_9() 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn many_reemits_through_a_restart_store_each_event_once_in_order_on_2_15() {
     many_reemits_through_a_restart(ServerVersion::V2_15).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_reemits_through_a_restart_store_each_event_once_in_order_on_2_12() {
+    many_reemits_through_a_restart(ServerVersion::V2_12).await;
 }
