@@ -469,6 +469,17 @@ async fn replicated_stream_reserves_a_failed_expected_last_id_for_the_window_on_
         b_again.contains("10158"),
         "the failed id is still reserved within the window: {b_again}"
     );
+    // Still reserved late in the window: the reservation is not a short-lived in-flight marker.
+    let late = window - Duration::from_secs(1);
+    tokio::time::sleep(late.saturating_sub(failed_at.elapsed())).await;
+    let b_late = publish("id-b", None)
+        .await
+        .expect("the failed id is answered");
+    assert!(
+        b_late.contains("10158"),
+        "the failed id is still reserved {:?} after the failure: {b_late}",
+        failed_at.elapsed()
+    );
     // The reservation lasts the duplicate window; the server purges expired ids on a timer, so
     // allow a few seconds past it before calling the id stuck.
     tokio::time::sleep(window.saturating_sub(failed_at.elapsed())).await;
@@ -488,9 +499,7 @@ async fn replicated_stream_reserves_a_failed_expected_last_id_for_the_window_on_
         tokio::time::sleep(Duration::from_millis(250)).await;
     };
     let freed_after = failed_at.elapsed();
-    assert!(
-        freed_after >= window,
-        "reserved for the window, not less: stored after {freed_after:?}: {stored}"
+    eprintln!(
+        "2.12.8: the failed id was reserved for {freed_after:?} (window {window:?}): {stored}"
     );
-    eprintln!("2.12.8: the failed id was reserved for {freed_after:?} (window {window:?})");
 }
