@@ -155,7 +155,10 @@ use std::time::{Duration, Instant};
 use crate::backoff::{deadline_after, RetrySchedule};
 use crate::breaker::{Admission, Breaker, BreakerConfig, BreakerEvent, BreakerInput, BreakerState};
 use crate::fastbatch::{BatchAnswer, BatchId, BatchOp, GapMode, ReplySubject};
-use crate::outbox::{Abandoned, BreakerOpenPolicy, EventSeq, Failure, Message, Refused, Rejection};
+use crate::outbox::{
+    admit, position_of, Abandoned, Bounds, BreakerOpenPolicy, EventSeq, Failure, Message, Refused,
+    Rejection,
+};
 
 /// The server's idle timeout for a batch (nats-server's `streamMaxBatchTimeout`).
 pub const SERVER_BATCH_TIMEOUT: Duration = Duration::from_secs(10);
@@ -546,7 +549,16 @@ impl Lane {
 
     /// Whether a push of `size` bytes would fit now.
     pub fn has_room(&self, size: usize) -> bool {
-        self.entries.len() < self.config.max_events && self.bytes + size <= self.config.max_bytes
+        self.bounds()
+            .has_room((self.entries.len(), self.bytes), size)
+    }
+
+    fn bounds(&self) -> Bounds {
+        Bounds {
+            max_events: self.config.max_events,
+            max_bytes: self.config.max_bytes,
+            when_breaker_open: self.config.when_breaker_open,
+        }
     }
 
     /// The message of a held event.
@@ -566,24 +578,13 @@ impl Lane {
         unix_ms: u64,
         now: Instant,
     ) -> Result<EventSeq, Refused> {
-        if self.config.when_breaker_open == BreakerOpenPolicy::FailFast && self.breaker.is_open() {
-            return Err(Refused::BreakerOpen);
-        }
         let size = message.size();
-        if size > self.config.max_bytes {
-            return Err(Refused::TooLarge {
-                size,
-                max_bytes: self.config.max_bytes,
-            });
-        }
-        if !self.has_room(size) {
-            return Err(Refused::QueueFull {
-                events: self.entries.len(),
-                bytes: self.bytes,
-                max_events: self.config.max_events,
-                max_bytes: self.config.max_bytes,
-            });
-        }
+        admit(
+            self.bounds(),
+            (self.entries.len(), self.bytes),
+            size,
+            self.breaker.is_open(),
+        )?;
         let seq = self.next_seq;
         self.next_seq += 1;
         self.bytes += size;
@@ -1155,13 +1156,7 @@ impl Lane {
     }
 
     fn index_of(&self, seq: EventSeq) -> Option<usize> {
-        let front = self.entries.front()?.seq;
-        let guess = usize::try_from(seq.checked_sub(front)?).ok()?;
-        if self.entries.get(guess).is_some_and(|e| e.seq == seq) {
-            return Some(guess);
-        }
-        let i = self.entries.partition_point(|e| e.seq < seq);
-        (self.entries.get(i)?.seq == seq).then_some(i)
+        position_of(&self.entries, seq, |e| e.seq)
     }
 }
 

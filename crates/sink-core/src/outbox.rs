@@ -539,6 +539,75 @@ impl KeyLocks {
     }
 }
 
+/// The queue bounds and breaker policy every event queue of this crate admits by (the outbox and
+/// the fast-batch lane).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Bounds {
+    pub(crate) max_events: usize,
+    pub(crate) max_bytes: usize,
+    pub(crate) when_breaker_open: BreakerOpenPolicy,
+}
+
+impl Bounds {
+    fn of(config: &OutboxConfig) -> Self {
+        Bounds {
+            max_events: config.max_events,
+            max_bytes: config.max_bytes,
+            when_breaker_open: config.when_breaker_open,
+        }
+    }
+
+    /// Whether `size` more bytes fit beside `held` (events, bytes).
+    pub(crate) fn has_room(self, held: (usize, usize), size: usize) -> bool {
+        held.0 < self.max_events && held.1 + size <= self.max_bytes
+    }
+}
+
+/// Whether a queue holding `held` (events, bytes) accepts an event of `size` bytes now: the
+/// breaker policy first, then an event that could never fit, then the bounds.
+pub(crate) fn admit(
+    bounds: Bounds,
+    held: (usize, usize),
+    size: usize,
+    breaker_open: bool,
+) -> Result<(), Refused> {
+    if bounds.when_breaker_open == BreakerOpenPolicy::FailFast && breaker_open {
+        return Err(Refused::BreakerOpen);
+    }
+    if size > bounds.max_bytes {
+        return Err(Refused::TooLarge {
+            size,
+            max_bytes: bounds.max_bytes,
+        });
+    }
+    if !bounds.has_room(held, size) {
+        return Err(Refused::QueueFull {
+            events: held.0,
+            bytes: held.1,
+            max_events: bounds.max_events,
+            max_bytes: bounds.max_bytes,
+        });
+    }
+    Ok(())
+}
+
+/// Index of the entry with sequence `seq` in a queue ordered by sequence. Sequences are
+/// consecutive unless an entry was removed from the middle (a rejection), so the offset from the
+/// front is right almost always; a binary search covers the rest.
+pub(crate) fn position_of<E>(
+    entries: &VecDeque<E>,
+    seq: EventSeq,
+    seq_of: impl Fn(&E) -> EventSeq,
+) -> Option<usize> {
+    let front = seq_of(entries.front()?);
+    let guess = usize::try_from(seq.checked_sub(front)?).ok()?;
+    if entries.get(guess).is_some_and(|e| seq_of(e) == seq) {
+        return Some(guess);
+    }
+    let i = entries.partition_point(|e| seq_of(e) < seq);
+    (seq_of(entries.get(i)?) == seq).then_some(i)
+}
+
 /// Scans for a sendable entry stop after this many entries past the cursor (per-key-serial mode), so
 /// one blocked key at the head of a long queue costs bounded work per poll.
 const SCAN_LIMIT: usize = 4096;
@@ -665,7 +734,7 @@ impl Outbox {
 
     /// Whether a push of `size` bytes would fit now.
     pub fn has_room(&self, size: usize) -> bool {
-        self.entries.len() < self.config.max_events && self.bytes + size <= self.config.max_bytes
+        Bounds::of(&self.config).has_room((self.entries.len(), self.bytes), size)
     }
 
     /// The message of a held event.
@@ -685,24 +754,13 @@ impl Outbox {
         unix_ms: u64,
         _now: Instant,
     ) -> Result<EventSeq, Refused> {
-        if self.config.when_breaker_open == BreakerOpenPolicy::FailFast && self.breaker.is_open() {
-            return Err(Refused::BreakerOpen);
-        }
         let size = message.size();
-        if size > self.config.max_bytes {
-            return Err(Refused::TooLarge {
-                size,
-                max_bytes: self.config.max_bytes,
-            });
-        }
-        if !self.has_room(size) {
-            return Err(Refused::QueueFull {
-                events: self.entries.len(),
-                bytes: self.bytes,
-                max_events: self.config.max_events,
-                max_bytes: self.config.max_bytes,
-            });
-        }
+        admit(
+            Bounds::of(&self.config),
+            (self.entries.len(), self.bytes),
+            size,
+            self.breaker.is_open(),
+        )?;
         let seq = self.next_seq;
         self.next_seq += 1;
         self.bytes += size;
@@ -959,15 +1017,7 @@ impl Outbox {
     }
 
     fn index_of(&self, seq: EventSeq) -> Option<usize> {
-        // Sequences are consecutive unless a rejection removed an entry from the middle, so the
-        // offset from the front is right almost always; fall back to a search when it is not.
-        let front = self.entries.front()?.seq;
-        let guess = usize::try_from(seq.checked_sub(front)?).ok()?;
-        if self.entries.get(guess).is_some_and(|e| e.seq == seq) {
-            return Some(guess);
-        }
-        let i = self.entries.partition_point(|e| e.seq < seq);
-        (self.entries.get(i)?.seq == seq).then_some(i)
+        position_of(&self.entries, seq, |e| e.seq)
     }
 
     fn in_flight_attempt(&self, seq: EventSeq) -> Option<u32> {
