@@ -456,6 +456,26 @@ struct Batch {
     reject: Option<(u64, Rejection)>,
 }
 
+impl Batch {
+    /// A control message of this batch (ping or end-of-batch commit): no body, the batch state in
+    /// the reply subject.
+    fn control(&self, flow: u16, seq: u64, op: BatchOp) -> LaneTransmit {
+        LaneTransmit {
+            payload: Payload::Control {
+                subject: self.subject.clone(),
+            },
+            reply: ReplySubject {
+                batch_id: self.id.clone(),
+                flow,
+                gap: GapMode::Fail,
+                seq,
+                op,
+            },
+            probe: false,
+        }
+    }
+}
+
 /// What holds the next batch back.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Gate {
@@ -819,19 +839,7 @@ impl Lane {
         let Some(b) = self.batch.as_mut() else { return };
         b.pinged = Some(now);
         b.last_tx = now;
-        let t = LaneTransmit {
-            payload: Payload::Control {
-                subject: b.subject.clone(),
-            },
-            reply: ReplySubject {
-                batch_id: b.id.clone(),
-                flow,
-                gap: GapMode::Fail,
-                seq: b.sent.max(1),
-                op: BatchOp::Ping,
-            },
-            probe: false,
-        };
+        let t = b.control(flow, b.sent.max(1), BatchOp::Ping);
         self.outputs.push_back(LaneOutput::Transmit(t));
     }
 
@@ -841,19 +849,7 @@ impl Lane {
         let Some(b) = self.batch.as_mut() else { return };
         b.pinged = Some(now);
         b.last_tx = now;
-        let t = LaneTransmit {
-            payload: Payload::Control {
-                subject: b.subject.clone(),
-            },
-            reply: ReplySubject {
-                batch_id: b.id.clone(),
-                flow,
-                gap: GapMode::Fail,
-                seq: b.sent + 1,
-                op: BatchOp::CommitEob,
-            },
-            probe: false,
-        };
+        let t = b.control(flow, b.sent + 1, BatchOp::CommitEob);
         self.outputs.push_back(LaneOutput::Transmit(t));
     }
 
@@ -872,19 +868,7 @@ impl Lane {
             Stage::Starting | Stage::Streaming => {}
         }
         b.stage = Stage::Ending(end);
-        let t = LaneTransmit {
-            payload: Payload::Control {
-                subject: b.subject.clone(),
-            },
-            reply: ReplySubject {
-                batch_id: b.id.clone(),
-                flow,
-                gap: GapMode::Fail,
-                seq: b.sent + 1,
-                op: BatchOp::CommitEob,
-            },
-            probe: false,
-        };
+        let t = b.control(flow, b.sent + 1, BatchOp::CommitEob);
         self.outputs.push_back(LaneOutput::Transmit(t));
     }
 
@@ -1085,19 +1069,7 @@ impl Lane {
         // interval, and the server holds no idle batch.
         b.stage = Stage::Committing;
         b.last_tx = now;
-        Some(LaneTransmit {
-            payload: Payload::Control {
-                subject: b.subject.clone(),
-            },
-            reply: ReplySubject {
-                batch_id: b.id.clone(),
-                flow,
-                gap: GapMode::Fail,
-                seq: next,
-                op: BatchOp::CommitEob,
-            },
-            probe: false,
-        })
+        Some(b.control(flow, next, BatchOp::CommitEob))
     }
 
     fn start_batch(&mut self, now: Instant) -> Option<LaneTransmit> {
