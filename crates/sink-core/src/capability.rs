@@ -1,4 +1,4 @@
-//! What the connected server and the stream allow: the server version, and which ordering mechanism is safe on a replicated stream.
+//! What the connected server and the stream allow: the server version, which ordering mechanism is safe on a replicated stream, and whether fast-batch publishing exists.
 //!
 //! Read in nats-server's source and measured on a 3-node cluster (see the tests in
 //! `crates/sink-nats/tests/cluster.rs`): on a replicated stream (more than one replica) the
@@ -19,6 +19,12 @@
 //! Chaining provokes that failure by design (a lost or foreign message makes the next chained
 //! publish fail), so on a replicated stream of 2.11 or later the sink keeps order with
 //! per-key-serial delivery instead, which sends no expected-last header.
+//!
+//! Fast-batch publishing (ADR-50, the stream setting `allow_batched`) came with 2.14
+//! ([`fast_batch_supported`]). Older servers do not merely ignore the setting; seen on the real
+//! servers, a `STREAM.CREATE` carrying `"allow_batched": true` is refused by 2.12.8 (10025
+//! `invalid JSON: json: unknown field "allow_batched"`, no stream is made) and accepted by 2.9.10,
+//! which drops the field and makes the stream without it. So the setting is sent only to 2.14+.
 
 use std::fmt;
 
@@ -70,6 +76,16 @@ pub const RESERVES_IDS: ServerVersion = ServerVersion::new(2, 11, 0);
 
 /// The first version that stops a replicated stream after a failed expected-last check.
 pub const STOPS_STREAM: ServerVersion = ServerVersion::new(2, 14, 0);
+
+/// The first version with fast-batch publishing (ADR-50) and the stream setting `allow_batched`.
+pub const FAST_BATCH: ServerVersion = ServerVersion::new(2, 14, 0);
+
+/// Whether a server of `version` has fast-batch publishing, i.e. knows the stream setting
+/// `allow_batched` (2.14 and later). Older servers refuse the setting (2.12) or drop it silently
+/// (2.9), see the module docs.
+pub fn fast_batch_supported(version: &ServerVersion) -> bool {
+    *version >= FAST_BATCH
+}
 
 /// Why chaining by `Nats-Expected-Last-Msg-Id` must not be used on a stream with `replicas`
 /// replicas on a server of `version`, or `None` when it is safe. An unreadable version counts as
@@ -124,5 +140,21 @@ mod tests {
         assert!(stops.contains("stops the stream"), "{stops}");
         assert!(chaining_hazard(v("2.14.0"), 2).is_some());
         assert!(chaining_hazard(None, 3).is_some(), "unknown: the safe side");
+    }
+
+    #[test]
+    fn fast_batch_starts_at_2_14() {
+        for (text, want) in [
+            ("2.9.10", false),
+            ("2.12.8", false),
+            ("2.13.99", false),
+            ("2.14.0-RC.1", true),
+            ("2.14.0", true),
+            ("2.15.1", true),
+            ("3.0.0", true),
+        ] {
+            let version = ServerVersion::parse(text).expect("parses");
+            assert_eq!(fast_batch_supported(&version), want, "{text}");
+        }
     }
 }
