@@ -10,12 +10,17 @@
 //! storing them (per-subject limits, rollup headers, message schedules, subject transforms,
 //! asynchronous persistence, message counters, mirrors). [`Violation::blocks_delivery`] says which
 //! of them make publishing unsafe right now, for a driver that finds them at run time.
+//!
+//! What works but costs speed is advice, not a violation: [`advise`] lists each [`Advice`] for a
+//! stream on a given server version (today one: a 2.14+ server whose stream does not allow
+//! fast-batch publishing).
 
 use std::fmt;
 use std::time::Duration;
 
 pub use crate::backoff::fmt_duration;
 use crate::backoff::RetrySchedule;
+use crate::capability::{chaining_hazard, fast_batch_supported, ServerVersion};
 
 const SECS_PER_DAY: u64 = 86_400;
 
@@ -165,6 +170,9 @@ pub struct StreamFacts {
     pub allow_msg_counter: bool,
     /// The origin stream when this stream is a mirror.
     pub mirror: Option<String>,
+    /// True when the stream accepts fast-batch publishing (server 2.14+ `allow_batched`); false
+    /// when the server does not report it.
+    pub allow_batched: bool,
 }
 
 impl StreamFacts {
@@ -176,6 +184,9 @@ impl StreamFacts {
     /// the floor is about what the broker removes by itself. Everything [`verify`] refuses is off:
     /// no per-subject limit, no rollups, schedules, delete markers, transform, counters or mirror,
     /// and acknowledgements after storing.
+    ///
+    /// `allow_batched` is false here, as every server accepts it; the adapter's `Create` turns it
+    /// on where the server has fast-batch publishing ([`fast_batch_supported`]).
     pub fn recommended(name: &str, subjects: Vec<String>) -> StreamFacts {
         StreamFacts {
             name: name.to_owned(),
@@ -202,6 +213,7 @@ impl StreamFacts {
             persist_mode: PersistMode::Default,
             allow_msg_counter: false,
             mirror: None,
+            allow_batched: false,
         }
     }
 }
@@ -726,6 +738,102 @@ pub fn verify(facts: &StreamFacts, req: &StreamRequirements) -> Vec<Violation> {
             stream: stream(),
             origin: origin.clone(),
         });
+    }
+    out
+}
+
+/// A stream setting that keeps every promise but costs delivery speed: reported (logged at
+/// start, shown by the CLI), never refused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Advice {
+    /// The server has fast-batch publishing (2.14+) and the stream does not allow it
+    /// (`allow_batched` is false): the sink cannot pipeline through fast batches and falls back to
+    /// one acknowledgement per event.
+    BatchedNotAllowed {
+        /// Stream name.
+        stream: String,
+        /// The connected server's version.
+        server: ServerVersion,
+        /// The stream's replica count, which decides the fallback: chaining on one replica,
+        /// per-key-serial on more (chaining is unsafe on a replicated stream of 2.11+).
+        replicas: u32,
+    },
+}
+
+impl Advice {
+    /// The stream configuration field concerned, as named in the NATS stream configuration.
+    pub fn field(&self) -> &'static str {
+        match self {
+            Advice::BatchedNotAllowed { .. } => "allow_batched",
+        }
+    }
+
+    /// The name of the stream concerned.
+    pub fn stream(&self) -> &str {
+        match self {
+            Advice::BatchedNotAllowed { stream, .. } => stream,
+        }
+    }
+}
+
+impl fmt::Display for Advice {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let field = self.field();
+        match self {
+            Advice::BatchedNotAllowed {
+                stream,
+                server,
+                replicas,
+            } => {
+                let fallback = if chaining_hazard(Some(*server), *replicas).is_some() {
+                    format!(
+                        "per-key-serial on this {replicas}-replica stream (chaining is unsafe on \
+                         replicated streams of 2.11+): one publish in flight per ordering key, far \
+                         slower"
+                    )
+                } else {
+                    "chained on this single-replica stream: pipelined while the sink is the \
+                     stream's only writer, one publish in flight per ordering key once other \
+                     producers write (far slower)"
+                        .to_owned()
+                };
+                write!(
+                    f,
+                    "stream {stream} {field} is false on nats-server {server}; without fast-batch \
+                     publishing the sink falls back to one acknowledgement per event, {fallback}: \
+                     set {field} to true in the stream config (with the nats CLI: `nats stream \
+                     edit {stream} --allow-fast`)"
+                )
+            }
+        }
+    }
+}
+
+/// Lists what the stream `facts` could do better on a server of version `server` (empty when
+/// nothing, or when the version is unknown: then nothing can be promised about it). Nothing here
+/// is a [`Violation`]: the sink works with the stream as it is.
+///
+/// ```
+/// use sink_core::capability::ServerVersion;
+/// use sink_core::stream::{advise, StreamFacts};
+///
+/// let facts = StreamFacts::recommended("CELLOS_EVENTS", vec!["cellos.events.>".into()]);
+/// assert!(advise(&facts, ServerVersion::parse("2.12.8")).is_empty());
+/// let advice = advise(&facts, ServerVersion::parse("2.15.1"));
+/// assert_eq!(advice.len(), 1);
+/// assert_eq!(advice[0].field(), "allow_batched");
+/// ```
+pub fn advise(facts: &StreamFacts, server: Option<ServerVersion>) -> Vec<Advice> {
+    let mut out = Vec::new();
+    if let Some(server) = server.filter(fast_batch_supported) {
+        if !facts.allow_batched {
+            out.push(Advice::BatchedNotAllowed {
+                stream: facts.name.clone(),
+                server,
+                replicas: facts.replicas,
+            });
+        }
     }
     out
 }
@@ -1459,6 +1567,58 @@ mod tests {
         max_msgs: stream CELLOS_EVENTS max_msgs is 10000 with discard old; the oldest events are deleted when it is reached, maybe before the retention floor: set max_msgs to -1 (unlimited) or discard to new
         max_bytes: stream CELLOS_EVENTS max_bytes is 1048576 with discard old; the oldest events are deleted when it is reached, maybe before the retention floor: set max_bytes to -1 (unlimited) or discard to new
         "#);
+    }
+
+    #[test]
+    fn batched_advice_only_on_2_14_and_later_without_allow_batched() {
+        let v = |t| ServerVersion::parse(t);
+        let off = StreamFacts::recommended("S", vec!["a.>".to_owned()]);
+        let on = StreamFacts {
+            allow_batched: true,
+            ..off.clone()
+        };
+        let table = [
+            (&off, v("2.9.10"), false),
+            (&off, v("2.12.8"), false),
+            (&off, None, false),
+            (&off, v("2.14.0"), true),
+            (&off, v("2.15.1"), true),
+            (&on, v("2.15.1"), false),
+            // A 2.12 server drops nothing it reports, but it cannot batch anyway.
+            (&on, v("2.12.8"), false),
+        ];
+        for (facts, server, advised) in table {
+            let found = advise(facts, server);
+            assert_eq!(
+                !found.is_empty(),
+                advised,
+                "{server:?} {}",
+                facts.allow_batched
+            );
+            assert!(found
+                .iter()
+                .all(|a| a.field() == "allow_batched" && a.stream() == "S"));
+        }
+    }
+
+    #[test]
+    fn batched_advice_names_fix_and_cost_for_each_replica_count() {
+        let report: Vec<String> = [1, 3]
+            .into_iter()
+            .flat_map(|replicas| {
+                let facts = StreamFacts {
+                    replicas,
+                    ..StreamFacts::recommended("CELLOS_EVENTS", vec!["cellos.events.>".to_owned()])
+                };
+                assert!(verify(&facts, &req()).is_empty(), "not a violation");
+                advise(&facts, ServerVersion::parse("2.15.1"))
+            })
+            .map(|a| a.to_string())
+            .collect();
+        insta::assert_snapshot!(report.join("\n"), @r"
+        stream CELLOS_EVENTS allow_batched is false on nats-server 2.15.1; without fast-batch publishing the sink falls back to one acknowledgement per event, chained on this single-replica stream: pipelined while the sink is the stream's only writer, one publish in flight per ordering key once other producers write (far slower): set allow_batched to true in the stream config (with the nats CLI: `nats stream edit CELLOS_EVENTS --allow-fast`)
+        stream CELLOS_EVENTS allow_batched is false on nats-server 2.15.1; without fast-batch publishing the sink falls back to one acknowledgement per event, per-key-serial on this 3-replica stream (chaining is unsafe on replicated streams of 2.11+): one publish in flight per ordering key, far slower: set allow_batched to true in the stream config (with the nats CLI: `nats stream edit CELLOS_EVENTS --allow-fast`)
+        ");
     }
 
     /// Reference matcher: does pattern `p` (wildcards allowed) match concrete subject `c`?

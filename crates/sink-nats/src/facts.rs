@@ -6,12 +6,16 @@
 //! our events must never be dropped that way, so the facts come from the JSON of
 //! `$JS.API.STREAM.INFO.<name>` itself. A field a server does not know (2.9.10 has no
 //! `persist_mode`) is absent from its reply and reads as the broker's default.
+//!
+//! The `Create` policy's stream goes out as raw JSON too ([`create_stream`]), for the same reason in
+//! the other direction: `allow_batched` (2.14+) has no field in async-nats as built here.
 
 use std::time::Duration;
 
 use async_nats::jetstream::stream::{Config, DiscardPolicy, RetentionPolicy, StorageType};
 use async_nats::jetstream::{self, context::RequestErrorKind};
 use serde::Deserialize;
+use sink_core::capability::{fast_batch_supported, ServerVersion};
 use sink_core::stream::{
     DiscardKind, PersistMode, RetentionKind, StorageKind, StreamFacts, SubjectTransform,
 };
@@ -111,6 +115,7 @@ struct RawConfig {
     subject_transform: Option<RawTransform>,
     persist_mode: String,
     allow_msg_counter: bool,
+    allow_batched: bool,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -131,9 +136,21 @@ pub async fn read_stream_facts(
     js: &jetstream::Context,
     name: &str,
 ) -> Result<Option<StreamFacts>, StreamInfoError> {
-    let reply: Result<serde_json::Value, _> = js.request(format!("STREAM.INFO.{name}"), &()).await;
+    let reply = api_request(js, format!("STREAM.INFO.{name}"), &(), name).await?;
+    facts_from_reply(name, serde_json::from_value(reply))
+}
+
+/// One JetStream API request (`subject` without the `$JS.API.` prefix) about stream `name`,
+/// answered as raw JSON.
+async fn api_request<T: serde::Serialize + ?Sized>(
+    js: &jetstream::Context,
+    subject: String,
+    body: &T,
+    name: &str,
+) -> Result<serde_json::Value, StreamInfoError> {
+    let reply: Result<serde_json::Value, _> = js.request(subject, body).await;
     match reply {
-        Ok(value) => facts_from_reply(name, serde_json::from_value(value)),
+        Ok(value) => Ok(value),
         Err(e) if e.kind() == RequestErrorKind::NoResponders => Err(StreamInfoError::Unavailable {
             stream: name.to_owned(),
             reason: "no responders".to_owned(),
@@ -235,6 +252,7 @@ fn facts_from_config(c: RawConfig) -> Result<StreamFacts, String> {
         },
         allow_msg_counter: c.allow_msg_counter,
         mirror: c.mirror.map(|m| m.name),
+        allow_batched: c.allow_batched,
     })
 }
 
@@ -268,6 +286,48 @@ pub fn new_stream_config(name: &str, subjects: Vec<String>) -> Config {
     }
 }
 
+/// The body of the `STREAM.CREATE` request the `Create` policy sends to a server of `server`:
+/// [`new_stream_config`], plus `"allow_batched": true` where the server has fast-batch publishing
+/// ([`fast_batch_supported`], 2.14+).
+///
+/// Never sent to an older or unknown version: 2.12.8 refuses a create carrying the field (10025
+/// "unknown field"), and 2.9.10 makes the stream without it, which would claim a setting the
+/// stream does not have.
+pub fn new_stream_request(
+    name: &str,
+    subjects: Vec<String>,
+    server: Option<ServerVersion>,
+) -> serde_json::Value {
+    let mut body = serde_json::to_value(new_stream_config(name, subjects))
+        .expect("a stream config serializes to JSON");
+    if server.as_ref().is_some_and(fast_batch_supported) {
+        body["allow_batched"] = true.into();
+    }
+    body
+}
+
+/// Creates stream `name` capturing `subjects` as the `Create` policy does
+/// ([`new_stream_request`] for a server of `server`) and returns the created stream's facts, as
+/// the server reports them.
+///
+/// Like async-nats' `create_stream`, this succeeds without change when an identical stream
+/// exists, and fails (JetStream error 10058) when a different one does.
+pub async fn create_stream(
+    js: &jetstream::Context,
+    name: &str,
+    subjects: Vec<String>,
+    server: Option<ServerVersion>,
+) -> Result<StreamFacts, StreamInfoError> {
+    let body = new_stream_request(name, subjects, server);
+    let reply = api_request(js, format!("STREAM.CREATE.{name}"), &body, name).await?;
+    facts_from_reply(name, serde_json::from_value(reply))?.ok_or_else(|| {
+        StreamInfoError::Malformed {
+            stream: name.to_owned(),
+            reason: "the create reply says the stream does not exist".to_owned(),
+        }
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -290,6 +350,10 @@ mod tests {
     const COUNTER_2_15: &str = r#"{"type":"io.nats.jetstream.api.v1.stream_info_response","config":{"name":"CNT","subjects":["c2.\u003e"],"retention":"limits","max_consumers":-1,"max_msgs":-1,"max_bytes":-1,"max_age":0,"max_msgs_per_subject":-1,"max_msg_size":-1,"discard":"old","storage":"file","num_replicas":1,"duplicate_window":120000000000,"compression":"none","allow_direct":false,"mirror_direct":false,"sealed":false,"deny_delete":false,"deny_purge":false,"allow_rollup_hdrs":false,"consumer_limits":{},"allow_msg_ttl":false,"allow_msg_counter":true}}"#;
     const SCHEDULES_2_15: &str = r#"{"type":"io.nats.jetstream.api.v1.stream_info_response","config":{"name":"SCH","subjects":["d.\u003e"],"retention":"limits","max_consumers":-1,"max_msgs":-1,"max_bytes":-1,"max_age":0,"max_msgs_per_subject":-1,"max_msg_size":-1,"discard":"old","storage":"file","num_replicas":1,"duplicate_window":120000000000,"compression":"none","allow_direct":false,"mirror_direct":false,"sealed":false,"deny_delete":false,"deny_purge":false,"allow_rollup_hdrs":true,"consumer_limits":{},"allow_msg_ttl":true,"subject_delete_marker_ttl":60000000000,"allow_msg_schedules":true}}"#;
     const MIRROR_2_9: &str = r#"{"type":"io.nats.jetstream.api.v1.stream_info_response","config":{"name":"MIR","retention":"limits","max_consumers":-1,"max_msgs":-1,"max_bytes":-1,"max_age":0,"max_msgs_per_subject":-1,"max_msg_size":-1,"discard":"old","storage":"file","num_replicas":1,"mirror":{"name":"GOOD"},"allow_direct":false,"mirror_direct":false,"sealed":false,"deny_delete":false,"deny_purge":false,"allow_rollup_hdrs":false},"mirror":{"name":"GOOD","lag":0,"active":-1}}"#;
+    /// A 2.12.8 stream (no `allow_batched`: the server does not know it) and a 2.15.1 stream
+    /// created with it, captured from the servers (`state` and timestamps trimmed).
+    const PLAIN_2_12: &str = r#"{"type":"io.nats.jetstream.api.v1.stream_info_response","total":0,"offset":0,"limit":0,"config":{"name":"OLD","subjects":["old.\u003e"],"retention":"limits","max_consumers":-1,"max_msgs":-1,"max_bytes":-1,"max_age":0,"max_msgs_per_subject":-1,"max_msg_size":-1,"discard":"old","storage":"file","num_replicas":1,"duplicate_window":120000000000,"compression":"none","allow_direct":false,"mirror_direct":false,"sealed":false,"deny_delete":false,"deny_purge":false,"allow_rollup_hdrs":false,"consumer_limits":{},"allow_msg_ttl":false,"metadata":{"_nats.level":"3","_nats.req.level":"0","_nats.ver":"2.12.8"}}}"#;
+    const BATCHED_2_15: &str = r#"{"type":"io.nats.jetstream.api.v1.stream_info_response","total":0,"offset":0,"limit":0,"config":{"name":"FAST","subjects":["fast.\u003e"],"retention":"limits","max_consumers":-1,"max_msgs":-1,"max_bytes":-1,"max_age":0,"max_msgs_per_subject":-1,"max_msg_size":-1,"discard":"old","storage":"file","num_replicas":1,"duplicate_window":120000000000,"compression":"none","allow_direct":false,"mirror_direct":false,"sealed":false,"deny_delete":false,"deny_purge":false,"allow_rollup_hdrs":false,"consumer_limits":{},"allow_msg_ttl":false,"allow_batched":true,"metadata":{"_nats.level":"5","_nats.req.level":"4","_nats.ver":"2.15.1"}}}"#;
     const MISSING: &str = r#"{"type":"io.nats.jetstream.api.v1.stream_info_response","error":{"code":404,"err_code":10059,"description":"stream not found"},"total":0,"offset":0,"limit":0}"#;
 
     fn parse(json: &str) -> StreamFacts {
@@ -343,6 +407,55 @@ mod tests {
             fields(&mirror, "a.*"),
             ["subjects", "duplicate_window", "mirror"]
         );
+    }
+
+    #[test]
+    fn allow_batched_is_read_and_absent_means_false() {
+        let batched = parse(BATCHED_2_15);
+        assert!(batched.allow_batched);
+        assert_eq!(
+            fields(&batched, "fast.*"),
+            Vec::<&str>::new(),
+            "not refused"
+        );
+        assert!(!parse(PLAIN_2_12).allow_batched);
+        assert!(!parse(GOOD_2_9).allow_batched);
+        assert!(!parse(BAD_2_15).allow_batched);
+    }
+
+    #[test]
+    fn the_create_request_carries_allow_batched_only_for_2_14_and_later() {
+        let subjects = || vec!["a.*.v1".to_owned()];
+        let portable = serde_json::to_value(new_stream_config("S", subjects())).expect("json");
+        assert!(portable.get("allow_batched").is_none());
+        for (server, batched) in [
+            (None, false),
+            (ServerVersion::parse("2.9.10"), false),
+            (ServerVersion::parse("2.12.8"), false),
+            (ServerVersion::parse("2.13.0"), false),
+            (ServerVersion::parse("2.14.0"), true),
+            (ServerVersion::parse("2.15.1"), true),
+        ] {
+            let body = new_stream_request("S", subjects(), server);
+            let mut rest = body.clone();
+            let flag = rest
+                .as_object_mut()
+                .expect("object")
+                .remove("allow_batched");
+            assert_eq!(flag, batched.then_some(true.into()), "{server:?}: {body}");
+            assert_eq!(rest, portable, "{server:?}: only allow_batched differs");
+            let json = serde_json::to_vec(&serde_json::json!({ "config": body })).expect("json");
+            let facts = facts_from_json("S", &json)
+                .expect("parses")
+                .expect("exists");
+            assert_eq!(
+                facts,
+                StreamFacts {
+                    allow_batched: batched,
+                    ..StreamFacts::recommended("S", subjects())
+                }
+            );
+        }
     }
 
     #[test]

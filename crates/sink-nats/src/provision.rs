@@ -7,12 +7,12 @@ use std::time::Duration;
 
 use async_nats::jetstream;
 use sink_core::capability::{chaining_hazard, ServerVersion};
-use sink_core::stream::{verify, StreamFacts, StreamRequirements};
-use tokio::sync::{mpsc, Notify};
+use sink_core::stream::{advise, verify, StreamFacts, StreamRequirements};
+use tokio::sync::{mpsc, watch, Notify};
 
 use crate::config::{SinkConfig, StreamPolicy};
 use crate::error::StartError;
-use crate::facts::{new_stream_config, read_stream_facts, StreamInfoError};
+use crate::facts::{create_stream, read_stream_facts, StreamInfoError};
 use crate::metrics as m;
 use crate::server_url::redacted_servers;
 use crate::stream_watch::{watch_stream, StreamCheck};
@@ -34,7 +34,10 @@ pub(crate) fn requirements(config: &SinkConfig, subjects: &Subjects) -> StreamRe
     req
 }
 
-/// Verifies (and with `Create`, creates) the stream; returns its duplicate window.
+/// Verifies (and with `Create`, creates) the stream; returns what the driver needs from it.
+///
+/// What costs speed without breaking a promise ([`advise`], e.g. a 2.14+ server whose stream does
+/// not allow fast batches) is logged at WARN and does not fail the check.
 pub(crate) async fn check_stream(
     client: &async_nats::Client,
     config: &SinkConfig,
@@ -42,11 +45,8 @@ pub(crate) async fn check_stream(
     servers: &str,
 ) -> Result<StreamChecked, StartError> {
     let js = jetstream::new(client.clone());
-    let api = |reason: String| StartError::StreamApi {
-        stream: config.stream.clone(),
-        reason,
-    };
     let read = |e: StreamInfoError| start_error(e, servers);
+    let server = ServerVersion::parse(&client.server_info().version);
     let facts: StreamFacts = match read_stream_facts(&js, &config.stream).await.map_err(read)? {
         Some(facts) => facts,
         None if config.stream_policy != StreamPolicy::Create => {
@@ -55,14 +55,21 @@ pub(crate) async fn check_stream(
             });
         }
         None => {
-            js.create_stream(new_stream_config(&config.stream, vec![subjects.filter()]))
+            let facts = create_stream(&js, &config.stream, vec![subjects.filter()], server)
                 .await
-                .map_err(|e| api(format!("create failed: {e}")))?;
-            tracing::info!(stream = %config.stream, "created stream");
-            read_stream_facts(&js, &config.stream)
-                .await
-                .map_err(read)?
-                .ok_or_else(|| api("created, then not found: deleted at once?".to_owned()))?
+                .map_err(|e| match read(e) {
+                    StartError::StreamApi { stream, reason } => StartError::StreamApi {
+                        stream,
+                        reason: format!("create failed: {reason}"),
+                    },
+                    other => other,
+                })?;
+            tracing::info!(
+                stream = %config.stream,
+                allow_batched = facts.allow_batched,
+                "created stream"
+            );
+            facts
         }
     };
     let violations = verify(&facts, &requirements(config, subjects));
@@ -72,9 +79,13 @@ pub(crate) async fn check_stream(
             violations,
         });
     }
+    for advice in advise(&facts, server) {
+        tracing::warn!(stream = %config.stream, field = advice.field(), "{advice}");
+    }
     Ok(StreamChecked {
         duplicate_window: facts.duplicate_window,
         replicas: facts.replicas,
+        allow_batched: facts.allow_batched,
     })
 }
 
@@ -83,6 +94,9 @@ pub(crate) async fn check_stream(
 pub(crate) struct StreamChecked {
     pub duplicate_window: Duration,
     pub replicas: u32,
+    /// Whether the stream allows fast-batch publishing (`allow_batched`; false when the server
+    /// does not report it, as before 2.14).
+    pub allow_batched: bool,
 }
 
 /// A failed stream read at start as a start error.
@@ -125,6 +139,8 @@ pub(crate) struct Provisioner {
     client: async_nats::Client,
     config: SinkConfig,
     subjects: Subjects,
+    /// The stream's `allow_batched` as last read by the deferred check or the re-verification.
+    allow_batched: watch::Sender<Option<bool>>,
 }
 
 impl Provisioner {
@@ -134,6 +150,7 @@ impl Provisioner {
             client,
             config,
             subjects,
+            allow_batched: watch::Sender::new(None),
         }
     }
 
@@ -144,7 +161,22 @@ impl Provisioner {
     /// The start check, applied once the client is connected (the server was down at start).
     pub(crate) async fn check(&self) -> Result<StreamChecked, StartError> {
         let servers = redacted_servers(&self.config.servers);
-        check_stream(&self.client, &self.config, &self.subjects, &servers).await
+        let checked = check_stream(&self.client, &self.config, &self.subjects, &servers).await?;
+        self.allow_batched.send_replace(Some(checked.allow_batched));
+        Ok(checked)
+    }
+
+    /// The stream's `allow_batched` as last read by [`Provisioner::check`] or by the running
+    /// re-verification, `None` before either has read the stream (the start check's value is in
+    /// [`StreamChecked`]). The watcher updates it before it sends the [`StreamCheck::Verified`] of
+    /// the same read, so a driver handling that check reads the value it belongs to (or a newer
+    /// one).
+    #[expect(
+        dead_code,
+        reason = "read by the driver once fast-batch lanes are wired (#11)"
+    )]
+    pub(crate) fn allow_batched(&self) -> Option<bool> {
+        *self.allow_batched.borrow()
     }
 
     /// Re-creates the stream if it is missing (policy `Create`, after the breaker opened).
@@ -153,10 +185,13 @@ impl Provisioner {
         if js.get_stream(&self.config.stream).await.is_ok() {
             return Ok(());
         }
-        js.create_stream(new_stream_config(
+        let server = ServerVersion::parse(&self.client.server_info().version);
+        create_stream(
+            &js,
             &self.config.stream,
             vec![self.subjects.filter()],
-        ))
+            server,
+        )
         .await
         .map_err(|e| format!("re-create stream: {e}"))?;
         tracing::warn!(stream = %self.config.stream, "stream was missing; re-created it (policy Create)");
@@ -175,6 +210,7 @@ impl Provisioner {
             self.config.reverify_interval,
             recheck,
             tx,
+            self.allow_batched.clone(),
         ));
         rx
     }

@@ -2,14 +2,16 @@
 //!
 //! A task of its own, so that the driver's hot path never waits on an info request: it reads the
 //! stream's facts, runs sink-core's `verify`, and hands the driver a [`StreamCheck`]. What to do
-//! about it (report, hold events) is the driver's decision.
+//! about it (report, hold events) is the driver's decision. Whether the stream allows fast batches
+//! (`allow_batched`) is not a violation; the watcher publishes it beside the checks, in the
+//! provisioner's `allow_batched` cell.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::jetstream;
 use sink_core::stream::{verify, StreamRequirements, Violation};
-use tokio::sync::{mpsc, Notify};
+use tokio::sync::{mpsc, watch, Notify};
 
 use crate::clock;
 use crate::facts::{read_stream_facts, StreamInfoError};
@@ -31,7 +33,8 @@ pub(crate) enum StreamCheck {
 
 /// Reads and verifies `stream` whenever `recheck` is notified, every `interval` (never when it is
 /// zero or too large for the clock), and every [`HELD_RECHECK`] while a violation blocks
-/// delivery. Ends when the driver drops its receiver.
+/// delivery. Each read that finds the stream stores its `allow_batched` in `allow_batched` before
+/// the [`StreamCheck::Verified`] goes out. Ends when the driver drops its receiver.
 pub(crate) async fn watch_stream(
     client: async_nats::Client,
     stream: String,
@@ -39,6 +42,7 @@ pub(crate) async fn watch_stream(
     interval: Duration,
     recheck: Arc<Notify>,
     checks: mpsc::Sender<StreamCheck>,
+    allow_batched: watch::Sender<Option<bool>>,
 ) {
     let js = jetstream::new(client);
     let mut wait = periodic(interval);
@@ -49,7 +53,10 @@ pub(crate) async fn watch_stream(
             () = sleep_for(wait) => {}
         }
         let check = match read_stream_facts(&js, &stream).await {
-            Ok(Some(facts)) => StreamCheck::Verified(verify(&facts, &req)),
+            Ok(Some(facts)) => {
+                allow_batched.send_replace(Some(facts.allow_batched));
+                StreamCheck::Verified(verify(&facts, &req))
+            }
             Ok(None) => StreamCheck::Missing,
             Err(e) => StreamCheck::Unreadable(e),
         };

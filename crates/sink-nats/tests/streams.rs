@@ -417,7 +417,8 @@ async fn verify_refuses_transforms_async_persist_counters_and_schedules_on_2_15(
     lossy_settings_are_refused(ServerVersion::V2_15, lossy_on_2_15()).await;
 }
 
-/// The Create policy makes a stream with none of the refused settings, as the server reports it.
+/// The Create policy makes a stream with none of the refused settings, as the server reports it,
+/// and with `allow_batched` on 2.15.
 async fn created_stream_is_clean(version: ServerVersion) {
     let server = server(version).await;
     let sink = builder(&server.url())
@@ -430,12 +431,16 @@ async fn created_stream_is_clean(version: ServerVersion) {
         .await
         .expect("read")
         .expect("created");
+    // Where the server has fast-batch publishing (2.14+), Create allows it too.
     assert_eq!(
         facts,
-        sink_nats::sink_core::stream::StreamFacts::recommended(
-            STREAM,
-            vec!["t.events.*.v1".into()]
-        )
+        sink_nats::sink_core::stream::StreamFacts {
+            allow_batched: version == ServerVersion::V2_15,
+            ..sink_nats::sink_core::stream::StreamFacts::recommended(
+                STREAM,
+                vec!["t.events.*.v1".into()]
+            )
+        }
     );
     assert!(sink.health().stream_violations.is_empty());
     let close = sink.close(Duration::from_secs(5)).await;
