@@ -214,10 +214,10 @@ pub async fn run(args: DemoArgs, common: &crate::config::Common) -> anyhow::Resu
         .map(|((msg_id, key), outcome)| Expected {
             msg_id,
             key,
-            reported_sequence: outcome
-                .as_ref()
-                .and_then(|r| r.as_ref().ok())
-                .map(|r| r.sequence),
+            reported_sequence: outcome.as_ref().and_then(|r| r.as_ref().ok()).map(|r| {
+                r.sequence
+                    .unwrap_or(sink_nats::sink_core::audit::SEQUENCE_NOT_REPORTED)
+            }),
         })
         .collect();
     let audit = compare(&expected, &stored);

@@ -45,9 +45,14 @@ pub struct Expected {
     /// Its ordering key (events of one key must be stored in send order).
     pub key: String,
     /// The sink's report: `Some(seq)` delivered at that stream sequence, `None` failed or not
-    /// delivered.
+    /// delivered. `Some(`[`SEQUENCE_NOT_REPORTED`]`)` is delivered without a stream sequence (a
+    /// fast-batch confirmation names none): its presence and order are checked, not its position.
     pub reported_sequence: Option<u64>,
 }
+
+/// The reported sequence of an event confirmed stored without a stream sequence (stream
+/// sequences start at 1, so 0 is never a real one).
+pub const SEQUENCE_NOT_REPORTED: u64 = 0;
 
 impl Expected {
     /// An event sent with `msg_id` on ordering key `key`, reported delivered at
@@ -282,7 +287,7 @@ pub fn compare_with(
         match (e.reported_sequence, seqs) {
             (Some(_), None) => report.missing.push(e.msg_id.clone()),
             (Some(reported), Some(seqs)) => {
-                if !seqs.contains(&reported) {
+                if reported != SEQUENCE_NOT_REPORTED && !seqs.contains(&reported) {
                     report
                         .sequence_mismatch
                         .push((e.msg_id.clone(), reported, seqs[0]));

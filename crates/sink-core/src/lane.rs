@@ -547,6 +547,13 @@ impl Lane {
         })
     }
 
+    /// Events the open batch may have unconfirmed now (the server's ack interval times
+    /// `outstanding_acks`); with no batch open, the most a batch could reach.
+    pub fn window(&self) -> usize {
+        let interval = self.batch.as_ref().map_or(self.config.flow, |b| b.interval);
+        usize::from(interval) * usize::from(self.config.outstanding_acks)
+    }
+
     /// The open batch's id, if one is open.
     pub fn batch_id(&self) -> Option<&BatchId> {
         self.batch.as_ref().map(|b| &b.id)
@@ -616,6 +623,15 @@ impl Lane {
         });
         self.last_push = Some(now);
         Ok(seq)
+    }
+
+    /// Takes over an event another delivery machine gave up on ([`Abandoned`], e.g. queued in an
+    /// outbox before the stream was known to allow batches), keeping its sequence. Events must be
+    /// adopted in order and above every sequence held; later pushes continue after the highest
+    /// adopted.
+    pub fn adopt(&mut self, moved: Abandoned, now: Instant) -> Result<EventSeq, Refused> {
+        self.next_seq = self.next_seq.max(moved.seq);
+        self.push(moved.message, moved.unix_ms, now)
     }
 
     /// The next command or event; `None` when there is nothing to do until an input or the deadline.

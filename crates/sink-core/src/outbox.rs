@@ -787,6 +787,16 @@ impl Outbox {
         Ok(seq)
     }
 
+    /// Takes over an event another delivery machine gave up on ([`Abandoned`], e.g. from a lane
+    /// whose stream stopped allowing batches), keeping its sequence so its caller's bookkeeping
+    /// stays valid. Events must be adopted in order and above every sequence held; later pushes
+    /// continue after the highest adopted. A transmitted event may be stored already: its
+    /// re-send carries the same message id, so the stream's duplicate window absorbs it.
+    pub fn adopt(&mut self, moved: Abandoned, now: Instant) -> Result<EventSeq, Refused> {
+        self.next_seq = self.next_seq.max(moved.seq);
+        self.push(moved.message, moved.unix_ms, now)
+    }
+
     /// The next command or event; `None` when there is nothing to do until an input or the deadline.
     pub fn poll_output(&mut self, now: Instant) -> Option<Output> {
         if let Some(out) = self.outputs.pop_front() {

@@ -76,6 +76,19 @@ impl Default for WhenFull {
     }
 }
 
+/// Whether the sink may deliver through fast-batch lanes (nats-server 2.14+, ADR-50).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Batching {
+    /// Lanes when the server supports them (2.14+) and the checked stream has `allow_batched`
+    /// (which [`StreamPolicy::Create`] sets); per-event acks otherwise (default). With
+    /// [`StreamPolicy::Off`] the stream's settings are unknown, so per-event acks.
+    #[default]
+    Auto,
+    /// Always per-event acks, in [`SinkConfig::ordering`] (every receipt then carries its stream
+    /// sequence).
+    Off,
+}
+
 /// Which events share an order.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum OrderingKey {
@@ -119,10 +132,19 @@ pub struct SinkConfig {
     /// `Duration::MAX`) turns the periodic check off; reconnects still re-verify. Not used with
     /// [`StreamPolicy::Off`].
     pub reverify_interval: Duration,
-    /// Ordering mechanism.
+    /// Ordering mode of per-event delivery (and what lanes fall back to).
     pub ordering: OrderingMode,
+    /// Whether fast-batch lanes may be used (default [`Batching::Auto`]). A lane keeps the
+    /// order of every event of the sink (stronger than any ordering mode asks).
+    pub batching: Batching,
     /// Ordering key.
     pub ordering_key: OrderingKey,
+    /// Most fast-batch lanes with a tenant or subject ordering key (1 to 64, default 4): a key's
+    /// events keep their order on one lane, and a slow or failing batch of one lane does not hold
+    /// the keys of the others. With [`OrderingKey::Sink`] there is always one lane. Every open lane
+    /// is a batch on the server, which divides its flow-ack budget (500 messages) among the
+    /// batches of the stream.
+    pub lanes: usize,
     /// Publishes awaiting an ack at once (default 1024: on 2 cores `cargo xtask bench` measured
     /// the chained window at 256 about 15% below 1024, which matches the broker's ingest rate).
     pub window: usize,
@@ -169,7 +191,9 @@ impl fmt::Debug for SinkConfig {
             .field("retention_floor", &self.retention_floor)
             .field("reverify_interval", &self.reverify_interval)
             .field("ordering", &self.ordering)
+            .field("batching", &self.batching)
             .field("ordering_key", &self.ordering_key)
+            .field("lanes", &self.lanes)
             .field("window", &self.window)
             .field("max_events", &self.max_events)
             .field("max_bytes", &self.max_bytes)
@@ -222,7 +246,9 @@ impl Default for SinkConfig {
             retention_floor: Duration::from_secs(90 * 24 * 3600),
             reverify_interval: Duration::from_secs(60),
             ordering: OrderingMode::Chained,
+            batching: Batching::Auto,
             ordering_key: OrderingKey::Sink,
+            lanes: 4,
             window: 1024,
             max_events: 100_000,
             max_bytes: 64 * 1024 * 1024,

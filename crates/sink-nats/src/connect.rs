@@ -135,6 +135,9 @@ pub(crate) fn connect_error(e: &async_nats::ConnectError, config: &SinkConfig) -
     }
 }
 
+/// Most fast-batch lanes one sink may open.
+const MAX_LANES: usize = 64;
+
 /// Refuses a config no sink can run with, naming the field and the fix.
 pub(crate) fn validate(config: &SinkConfig) -> Result<(), StartError> {
     let bad = |field, problem: &str| {
@@ -167,6 +170,12 @@ pub(crate) fn validate(config: &SinkConfig) -> Result<(), StartError> {
             field: "outbox",
             problem: e.to_string(),
         })?;
+    if !(1..=MAX_LANES).contains(&config.lanes) {
+        return bad(
+            "lanes",
+            "must be 1 to 64 (default 4): each lane is a batch the server keeps open",
+        );
+    }
     if config.max_bytes > u32::MAX as usize {
         return bad("max_bytes", "at most 4 GiB");
     }

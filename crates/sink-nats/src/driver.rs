@@ -1,5 +1,6 @@
-//! The driver task: owns the transport, the clock and the outbox; turns outbox commands into
-//! publishes and broker replies into outbox inputs.
+//! The driver task: owns the transport, the clock and the delivery machine (the outbox, or a
+//! fast-batch lane: [`crate::engine`]); turns its commands into publishes and broker replies
+//! into its inputs.
 //!
 //! Publishes carry a per-message reply subject under one wildcard inbox subscription
 //! (`<inbox>.<seq>.<attempt>`), so an ack costs one message on one subscription and no task per
@@ -18,6 +19,8 @@ use futures::StreamExt;
 use sink_core::backoff::deadline_after;
 use sink_core::breaker::{BreakerEvent, BreakerState};
 use sink_core::event::MsgId;
+use sink_core::fastbatch::BatchAnswer;
+use sink_core::lane::{BatchEnd, LaneOutput, LaneReceipt, LaneTransmit};
 use sink_core::outbox::{
     Ack, Failure, Message, OrderingMode, Outbox, Output, Refused, Rejection, Transmit,
 };
@@ -27,8 +30,12 @@ use tokio::sync::{mpsc, oneshot, Notify};
 use crate::classify::{classify, Verdict};
 use crate::clock;
 use crate::config::{SinkConfig, StreamPolicy};
+use crate::engine::{choose, Engine, Out};
 use crate::error::EmitError;
-use crate::handle::{BreakerStatus, CloseReport, Command, Permits, Receipt, Shared};
+use crate::handle::{
+    BatchReceipt, BreakerStatus, CloseReport, Command, Mechanism, Permits, Receipt, Shared,
+};
+use crate::lanes::{batch_answer, LaneSet};
 use crate::metrics as m;
 use crate::provision::{chaining_guard, Provisioner, StreamChecked};
 use crate::stream_watch::StreamCheck;
@@ -58,7 +65,7 @@ const BATCH: usize = 1024;
 struct Driver<T: Transport> {
     config: SinkConfig,
     transport: T,
-    outbox: Outbox,
+    engine: Engine,
     waiters: Waiters,
     flushes: Vec<(u64, oneshot::Sender<()>)>,
     inbox: String,
@@ -96,6 +103,8 @@ struct Driver<T: Transport> {
     stream_checks: Option<mpsc::Receiver<StreamCheck>>,
     /// Wakes the stream watcher (on reconnect, after a rejection).
     stream_recheck: Arc<Notify>,
+    /// The stream's replica count, once known (1 until then).
+    replicas: u32,
 }
 
 /// Starts the driver task of one sink.
@@ -116,7 +125,7 @@ pub(crate) fn spawn<T: Transport>(
     let mut driver = Driver {
         config,
         transport: started.transport,
-        outbox,
+        engine: Engine::PerEvent(outbox),
         waiters: Waiters::with_capacity(reserve),
         flushes: Vec::new(),
         inbox,
@@ -138,9 +147,13 @@ pub(crate) fn spawn<T: Transport>(
         stream_violations: Vec::new(),
         stream_checks,
         stream_recheck,
+        replicas: 1,
     };
-    if let Some(checked) = started.checked {
-        driver.guard_chaining(checked.replicas);
+    match started.checked {
+        Some(checked) => driver.stream_known(checked.replicas, Some(checked.allow_batched)),
+        None if !driver.stream_checked => {}
+        // Stream policy Off: nothing is known of the stream.
+        None => driver.stream_known(1, None),
     }
     tokio::spawn(driver.run());
 }
@@ -182,8 +195,8 @@ impl<T: Transport> Driver<T> {
             self.deferred_stream_check().await;
         }
         let now = clock::now();
-        if self.outbox.poll_timeout().is_some_and(|t| now >= t) {
-            self.outbox.handle_timeout(now);
+        if self.engine.poll_timeout().is_some_and(|t| now >= t) {
+            self.engine.handle_timeout(now);
         }
         if self.stream_recreate_at.is_some_and(|t| now >= t) {
             self.stream_recreate_at = None;
@@ -198,27 +211,30 @@ impl<T: Transport> Driver<T> {
         let now = clock::now();
         loop {
             let out = if self.stream_checked && !self.stream_held() {
-                self.outbox.poll_output(now)
+                self.engine.poll_output(now)
             } else {
-                self.outbox.poll_event()
+                self.engine.poll_event()
             };
             let Some(out) = out else {
                 break;
             };
-            self.apply(out, now).await;
+            match out {
+                Out::PerEvent(out) => self.apply(out, now).await,
+                Out::Lane(lane, out) => self.apply_lane(lane, out, now).await,
+            }
         }
     }
 
     /// A close ends the loop once the queue is empty or its deadline has passed.
     fn close_is_done(&self) -> bool {
         self.closing
-            .is_some_and(|deadline| self.outbox.is_empty() || clock::now() >= deadline)
+            .is_some_and(|deadline| self.engine.is_empty() || clock::now() >= deadline)
     }
 
-    /// The earliest deadline of the outbox, the close, and the stream work.
+    /// The earliest deadline of the delivery machine, the close, and the stream work.
     fn next_deadline(&self) -> Option<Instant> {
         [
-            self.outbox.poll_timeout(),
+            self.engine.poll_timeout(),
             self.closing,
             self.stream_recreate_at,
             self.stream_check_at,
@@ -321,7 +337,7 @@ impl<T: Transport> Driver<T> {
             return;
         }
         let msg_id = message.msg_id.clone();
-        match self.outbox.push(message, clock::unix_ms(), clock::now()) {
+        match self.engine.push(message, clock::unix_ms(), clock::now()) {
             Ok(seq) => self.waiters.insert(
                 seq,
                 Waiter {
@@ -363,23 +379,14 @@ impl<T: Transport> Driver<T> {
     async fn apply(&mut self, out: Output, now: Instant) {
         match out {
             Output::Transmit(t) => self.transmit(t, now).await,
-            Output::Delivered { seq, ack } => self.on_delivered(seq, ack, now),
+            Output::Delivered { seq, ack } => self.on_delivered(seq, Confirmed::Ack(ack), now),
             Output::Rejected { seq, rejection } => self.on_rejected(seq, rejection),
             Output::Retrying {
                 seq,
                 retry,
                 delay,
                 reason,
-            } => {
-                m::retry();
-                match self.waiters.get_mut(seq) {
-                    Some(w) => {
-                        tracing::debug!(parent: &w.span, ce.id = %w.event_id, retry, ?delay, %reason, "retrying from this event")
-                    }
-                    None => tracing::debug!(seq, retry, ?delay, %reason, "retrying"),
-                }
-                self.shared.set_error(reason);
-            }
+            } => self.on_retrying(seq, retry, delay, reason),
             Output::Breaker(event) => self.on_breaker(&event, now),
             Output::OrderingFallback { to, reason } => {
                 tracing::warn!(%to, %reason, "ordering fallback");
@@ -391,9 +398,139 @@ impl<T: Transport> Driver<T> {
         }
     }
 
+    fn on_retrying(&mut self, seq: u64, retry: u32, delay: Duration, reason: String) {
+        m::retry();
+        match self.waiters.get_mut(seq) {
+            Some(w) => {
+                tracing::debug!(parent: &w.span, ce.id = %w.event_id, retry, ?delay, %reason, "retrying from this event")
+            }
+            None => tracing::debug!(seq, retry, ?delay, %reason, "retrying"),
+        }
+        self.shared.set_error(reason);
+    }
+
+    async fn apply_lane(&mut self, lane: usize, out: LaneOutput, now: Instant) {
+        match out {
+            LaneOutput::Transmit(t) => self.transmit_lane(lane, t, now).await,
+            LaneOutput::Delivered { seq, receipt } => {
+                self.on_delivered(seq, Confirmed::Batch(receipt), now)
+            }
+            LaneOutput::Rejected { seq, rejection } => self.on_rejected(seq, rejection),
+            LaneOutput::BatchEnded {
+                batch,
+                persisted,
+                stream,
+                end,
+            } => {
+                m::batch_ended(&end);
+                let stream_seq = stream.map(|(_, seq)| seq);
+                if end == BatchEnd::Committed {
+                    tracing::trace!(%batch, persisted, ?stream_seq, "batch committed");
+                } else {
+                    tracing::debug!(%batch, persisted, ?stream_seq, %end, "batch ended early");
+                }
+            }
+            LaneOutput::Retrying {
+                seq,
+                retry,
+                delay,
+                reason,
+            } => self.on_retrying(seq, retry, delay, reason),
+            LaneOutput::Breaker(event) => self.on_breaker(&event, now),
+            LaneOutput::Disabled(rejection) => {
+                // An operator turned allow_batched off (or another stream took the subjects):
+                // what the lane held goes on with per-event acks, same ids, same order.
+                let reason = format!(
+                    "the stream refused batch publishing ({rejection}); per-event acks from now on"
+                );
+                tracing::warn!(%reason, "fast-batch lane stopped");
+                self.shared.set_error(reason.clone());
+                let outbox = Outbox::new(self.config.outbox_config()).expect("validated in start");
+                self.engine.switch_to(Engine::PerEvent(outbox), now);
+                self.guard_chaining(self.replicas);
+                self.set_mechanism(Mechanism::PerEvent, reason);
+                self.stream_recheck.notify_one();
+            }
+        }
+    }
+
+    /// Sends one fast-batch message (an event, a commit or a ping).
+    async fn transmit_lane(&mut self, lane: usize, t: LaneTransmit, now: Instant) {
+        let Some(parts) = self.lane_mut(lane).map(|l| l.publish_parts(&t)) else {
+            return;
+        };
+        let Some((subject, reply, headers, body)) = parts else {
+            return;
+        };
+        let event = match t.payload {
+            sink_core::lane::Payload::Event(seq) => Some(seq),
+            sink_core::lane::Payload::Control { .. } => None,
+        };
+        let max_payload = self.transport.max_payload();
+        self.note_max_payload(max_payload);
+        let size = wire_size(&headers, body.len());
+        if let Some(seq) = event {
+            if size > max_payload {
+                self.lane_too_large(lane, &t, seq, size, max_payload, now);
+                return;
+            }
+            m::published(self.waiters.get_mut(seq).is_some_and(|w| w.transmits > 0));
+            self.note_transmit(seq, &t.reply, now);
+        }
+        match self.transport.publish(subject, reply, headers, body).await {
+            Ok(()) => {}
+            Err(TransportError::MaxPayloadExceeded) => {
+                let max_payload = self.transport.max_payload();
+                self.note_max_payload(max_payload);
+                if let Some(seq) = event {
+                    self.lane_too_large(lane, &t, seq, size, max_payload, now);
+                }
+            }
+            Err(e) => {
+                // The message never left: the batch cannot go on past it. End it where it is
+                // confirmed; the next one re-sends from there with the same ids.
+                self.shared.set_error(format!("publish: {e}"));
+                if let Some(l) = self.lane_mut(lane) {
+                    l.lane_mut().handle_connection_lost(clock::now());
+                }
+            }
+        }
+    }
+
+    /// A lane's event no longer fits `max_payload` (it shrank across a reconnect): the lane
+    /// rejects it as the server would have refused it, and goes on with the next.
+    fn lane_too_large(
+        &mut self,
+        lane: usize,
+        t: &LaneTransmit,
+        seq: u64,
+        size: usize,
+        max_payload: usize,
+        now: Instant,
+    ) {
+        if let Some(w) = self.waiters.get_mut(seq) {
+            w.too_large = Some((size, max_payload));
+        }
+        if let Some(l) = self.lane_mut(lane) {
+            let refusal = BatchAnswer::Refused(too_large_failure(size, max_payload));
+            l.lane_mut().handle_reply(&t.reply, refusal, now);
+        }
+    }
+
+    /// Lane `i`, while lanes deliver.
+    fn lane_mut(&mut self, i: usize) -> Option<&mut crate::lanes::LaneEngine> {
+        match &mut self.engine {
+            Engine::Lanes(set) => set.lane_mut(i),
+            Engine::PerEvent(_) => None,
+        }
+    }
+
     /// Sends one transmission of an event, unless it no longer fits the server's `max_payload`.
     async fn transmit(&mut self, t: Transmit, now: Instant) {
-        let Some(msg) = self.outbox.message(t.seq) else {
+        let Engine::PerEvent(outbox) = &self.engine else {
+            return;
+        };
+        let Some(msg) = outbox.message(t.seq) else {
             return;
         };
         let mut headers = base_headers(msg, self.expected_stream(&t));
@@ -413,7 +550,7 @@ impl<T: Transport> Driver<T> {
         }
         let reply = reply_subject(&self.inbox, t.seq, t.attempt);
         m::published(t.attempt > 1);
-        self.note_transmit(&t, now);
+        self.note_transmit(t.seq, &t, now);
         match self.transport.publish(subject, reply, headers, body).await {
             Ok(()) => {}
             Err(TransportError::MaxPayloadExceeded) => {
@@ -424,14 +561,16 @@ impl<T: Transport> Driver<T> {
             }
             Err(e) => {
                 self.shared.set_error(format!("publish: {e}"));
-                self.outbox.handle_failure(
-                    t.seq,
-                    t.attempt,
-                    Failure::Retryable {
-                        reason: format!("publish: {e}"),
-                    },
-                    clock::now(),
-                );
+                if let Some(outbox) = self.engine.outbox_mut() {
+                    outbox.handle_failure(
+                        t.seq,
+                        t.attempt,
+                        Failure::Retryable {
+                            reason: format!("publish: {e}"),
+                        },
+                        clock::now(),
+                    );
+                }
             }
         }
     }
@@ -442,25 +581,21 @@ impl<T: Transport> Driver<T> {
     /// the chain does not hold (the first event, a re-anchor, a probe, the other modes); on the
     /// hot path it cost the broker ~0.4 us and us ~0.3 us per event in `jetsink bench`.
     fn expected_stream(&self, t: &Transmit) -> Option<&str> {
-        let pinned_by_chain = self.outbox.ordering() == OrderingMode::Chained
+        let pinned_by_chain = self.engine.ordering(self.config.ordering) == OrderingMode::Chained
             && t.expected_last_msg_id.is_some()
             && !t.probe;
         (self.config.stream_policy != StreamPolicy::Off && !pinned_by_chain)
             .then_some(self.config.stream.as_str())
     }
 
-    /// Counts a transmission on its waiter, and reports a re-send beyond the duplicate window.
-    fn note_transmit(&mut self, t: &Transmit, now: Instant) {
-        let Some(w) = self.waiters.get_mut(t.seq) else {
+    /// Counts a transmission of `seq` on its waiter (`what` for the trace record), and reports a
+    /// re-send beyond the duplicate window.
+    fn note_transmit(&mut self, seq: u64, what: &dyn std::fmt::Debug, now: Instant) {
+        let Some(w) = self.waiters.get_mut(seq) else {
             return;
         };
         w.transmits += 1;
-        tracing::trace!(
-            parent: &w.span,
-            attempt = t.attempt,
-            expected_last = t.expected_last_msg_id.as_ref().map(|m| m.as_str()),
-            "transmit"
-        );
+        tracing::trace!(parent: &w.span, transmit = ?what, "transmit");
         let Some(first) = w.first_sent else {
             w.first_sent = Some(now);
             return;
@@ -479,15 +614,17 @@ impl<T: Transport> Driver<T> {
         }
     }
 
-    fn on_delivered(&mut self, seq: u64, ack: Ack, now: Instant) {
+    fn on_delivered(&mut self, seq: u64, confirmed: Confirmed, now: Instant) {
         self.delivered += 1;
-        m::acked(ack.duplicate);
+        let duplicate = matches!(&confirmed, Confirmed::Ack(ack) if ack.duplicate);
+        m::acked(duplicate);
         if let Some(w) = self.waiters.get_mut(seq) {
             // A re-send issued within the window can still reach the broker after it, when the
-            // client held it through a reconnect: judge by the ack too.
+            // client held it through a reconnect: judge by the ack too (a batch confirmation
+            // does not say whether the stream had it, so a late re-send counts).
             if let (Some(first), Some(window)) = (w.first_sent, self.duplicate_window) {
                 let waited = now.duration_since(first);
-                if !ack.duplicate && w.transmits > 1 && waited > window {
+                if !duplicate && w.transmits > 1 && waited > window {
                     beyond_window(
                         w,
                         &self.shared,
@@ -498,16 +635,21 @@ impl<T: Transport> Driver<T> {
                     );
                 }
             }
-            w.span.record("stream_seq", ack.sequence);
+            let receipt = confirmed.receipt(w.msg_id.clone(), &self.config.stream);
+            if let Some(sequence) = receipt.sequence {
+                w.span.record("stream_seq", sequence);
+            }
             tracing::debug!(
                 parent: &w.span,
                 ce.id = %w.event_id,
-                seq = ack.sequence,
-                duplicate = ack.duplicate,
+                seq = receipt.sequence,
+                duplicate,
+                batch = receipt.batch.as_ref().map(|b| b.id.as_str()),
+                batch_seq = receipt.batch.as_ref().map(|b| b.seq),
                 "delivered"
             );
             if let Some(reply) = w.reply.take() {
-                let _ = reply.send(Ok(receipt(ack, w.msg_id.clone())));
+                let _ = reply.send(Ok(receipt));
             }
         }
         self.release_settled();
@@ -565,7 +707,7 @@ impl<T: Transport> Driver<T> {
     fn release_settled(&mut self) {
         while let Some(seq) = self.waiters.lowest() {
             let delivered = self.waiters.get_mut(seq).is_some_and(|w| w.reply.is_none());
-            if !delivered || self.outbox.message(seq).is_some() {
+            if !delivered || self.engine.message(seq).is_some() {
                 break;
             }
             self.waiters.remove(seq);
@@ -586,17 +728,14 @@ impl<T: Transport> Driver<T> {
         if let Some(w) = self.waiters.get_mut(seq) {
             w.too_large = Some((size, max_payload));
         }
-        self.outbox.handle_failure(
-            seq,
-            attempt,
-            Failure::Terminal(Rejection {
-                code: None,
-                reason: format!(
-                    "{size} bytes on the wire; the server's max_payload is {max_payload}"
-                ),
-            }),
-            clock::now(),
-        );
+        if let Some(outbox) = self.engine.outbox_mut() {
+            outbox.handle_failure(
+                seq,
+                attempt,
+                too_large_failure(size, max_payload),
+                clock::now(),
+            );
+        }
     }
 
     fn settle_flushes(&mut self) {
@@ -613,19 +752,38 @@ impl<T: Transport> Driver<T> {
     }
 
     fn on_reply(&mut self, msg: &async_nats::Message) {
+        let status = msg.status.map(|s| s.as_u16());
+        let now = clock::now();
+        let outbox = match &mut self.engine {
+            Engine::PerEvent(outbox) => outbox,
+            Engine::Lanes(set) => {
+                // A late ack of a per-event publish from before the switch is of no use now:
+                // the lane re-sends that event with the same id.
+                let Some((i, reply_to)) = set.parse_reply_to(&msg.subject) else {
+                    return;
+                };
+                let Some(lane) = set.lane_mut(i) else { return };
+                let answer = batch_answer(status, msg.description.as_deref(), &msg.payload);
+                if let BatchAnswer::Refused(
+                    Failure::Retryable { reason } | Failure::Overloaded { reason },
+                ) = &answer
+                {
+                    self.shared.set_error(reason.clone());
+                }
+                lane.lane_mut().handle_reply(&reply_to, answer, now);
+                return;
+            }
+        };
         let Some((seq, attempt)) = parse_reply_subject(&msg.subject, &self.inbox) else {
             return;
         };
-        let status = msg.status.map(|s| s.as_u16());
-        let verdict = classify(status, msg.description.as_deref(), &msg.payload);
-        let now = clock::now();
-        match verdict {
-            Verdict::Ack(ack) => self.outbox.handle_ack(seq, ack, now),
+        match classify(status, msg.description.as_deref(), &msg.payload) {
+            Verdict::Ack(ack) => outbox.handle_ack(seq, ack, now),
             Verdict::Fail(failure) => {
                 if let Failure::Retryable { reason } | Failure::Overloaded { reason } = &failure {
                     self.shared.set_error(reason.clone());
                 }
-                self.outbox.handle_failure(seq, attempt, failure, now);
+                outbox.handle_failure(seq, attempt, failure, now);
             }
         }
     }
@@ -635,7 +793,7 @@ impl<T: Transport> Driver<T> {
             async_nats::Event::Disconnected => {
                 tracing::warn!("disconnected from the server; in-flight publishes will be re-sent");
                 self.shared.set_error("disconnected");
-                self.outbox.handle_connection_lost(clock::now());
+                self.engine.handle_connection_lost(clock::now());
             }
             async_nats::Event::Connected => {
                 tracing::info!("connected");
@@ -644,7 +802,7 @@ impl<T: Transport> Driver<T> {
                 self.note_max_payload(self.transport.max_payload());
                 // The breaker's reconnect delay may have grown to minutes during a long outage;
                 // the client is back now, so the probe goes at once (issue #9 item 6).
-                self.outbox.handle_reconnected(clock::now());
+                self.engine.handle_reconnected(clock::now());
                 if !self.stream_checked {
                     self.stream_check_at = Some(clock::now());
                 } else {
@@ -664,8 +822,45 @@ impl<T: Transport> Driver<T> {
     /// and the log, `health().ordering`, `health().ordering_reason` and `last_error` say why.
     fn guard_chaining(&mut self, replicas: u32) {
         if let Some(reason) = chaining_guard(&self.transport.server_version(), replicas) {
-            self.outbox.use_per_key_serial(reason);
+            if let Some(outbox) = self.engine.outbox_mut() {
+                outbox.use_per_key_serial(reason);
+            }
         }
+    }
+
+    /// The stream is known (checked, or not to be looked at): picks the delivery mechanism
+    /// ([`crate::engine::choose`]) and moves whatever is queued to it. Per-event delivery keeps
+    /// chaining off where the server makes it unsafe.
+    fn stream_known(&mut self, replicas: u32, allow_batched: Option<bool>) {
+        self.replicas = replicas;
+        let version = self.transport.server_version();
+        let (mechanism, reason) = choose(&self.config, &version, allow_batched);
+        if mechanism == Mechanism::FastBatch {
+            match LaneSet::new(&self.config, &self.inbox) {
+                Ok(lanes) => {
+                    self.engine.switch_to(Engine::Lanes(lanes), clock::now());
+                }
+                Err(e) => {
+                    // Every lane setting derives from validated sink settings; say so if not.
+                    let why = format!("fast-batch lane settings refused ({e}); per-event acks");
+                    self.set_mechanism(Mechanism::PerEvent, why);
+                    self.guard_chaining(replicas);
+                    return;
+                }
+            }
+        } else {
+            self.guard_chaining(replicas);
+        }
+        self.set_mechanism(mechanism, reason);
+    }
+
+    fn set_mechanism(&self, mechanism: Mechanism, reason: String) {
+        tracing::info!(%mechanism, %reason, "delivery mechanism");
+        m::mechanism(mechanism);
+        self.shared.health.send_modify(|h| {
+            h.mechanism = mechanism;
+            h.mechanism_reason = reason;
+        });
     }
 
     /// Applies the stream policy once the client is connected (the server was down at start).
@@ -679,7 +874,7 @@ impl<T: Transport> Driver<T> {
             Ok(checked) => {
                 tracing::info!(stream = %self.config.stream, "stream checked after the first connection");
                 self.duplicate_window = Some(checked.duplicate_window);
-                self.guard_chaining(checked.replicas);
+                self.stream_known(checked.replicas, Some(checked.allow_batched));
                 self.stream_checked = true;
                 self.stream_check_at = None;
             }
@@ -770,15 +965,15 @@ impl<T: Transport> Driver<T> {
 
     /// Publishes the health snapshot (only when something in it changed) and the gauges.
     fn publish_state(&self) {
-        let queued = self.outbox.len();
-        let in_flight = self.outbox.in_flight();
-        let window = self.outbox.window();
-        let breaker = match self.outbox.breaker() {
+        let queued = self.engine.len();
+        let in_flight = self.engine.in_flight();
+        let window = self.engine.window();
+        let breaker = match self.engine.breaker() {
             BreakerState::Closed { .. } => BreakerStatus::Closed,
             BreakerState::Open { .. } => BreakerStatus::Open,
             BreakerState::HalfOpen { .. } => BreakerStatus::HalfOpen,
         };
-        let ordering = self.outbox.ordering();
+        let ordering = self.engine.ordering(self.config.ordering);
         self.shared.health.send_if_modified(|h| {
             let changed = (h.queued, h.in_flight, h.window, h.breaker, h.ordering)
                 != (queued, in_flight, window, breaker, ordering);
@@ -898,13 +1093,42 @@ fn beyond_window(
     tracing::warn!(parent: &w.span, ce.id = %w.event_id, ?waited, ?window, "{what}");
 }
 
-fn receipt(ack: Ack, msg_id: MsgId) -> Receipt {
-    Receipt {
-        stream: ack.stream,
-        sequence: ack.sequence,
-        duplicate: ack.duplicate,
-        msg_id,
+/// What confirmed an event: its own publish ack, or a fast batch.
+enum Confirmed {
+    Ack(Ack),
+    Batch(LaneReceipt),
+}
+
+impl Confirmed {
+    fn receipt(self, msg_id: MsgId, stream: &str) -> Receipt {
+        match self {
+            Confirmed::Ack(ack) => Receipt {
+                stream: ack.stream,
+                sequence: Some(ack.sequence),
+                duplicate: ack.duplicate,
+                msg_id,
+                batch: None,
+            },
+            Confirmed::Batch(r) => Receipt {
+                stream: stream.to_owned(),
+                sequence: None,
+                duplicate: false,
+                msg_id,
+                batch: Some(BatchReceipt {
+                    id: r.batch.as_str().to_owned(),
+                    seq: r.batch_seq,
+                }),
+            },
+        }
     }
+}
+
+/// A transmission that no longer fits the server's `max_payload`: that event fails alone.
+fn too_large_failure(size: usize, max_payload: usize) -> Failure {
+    Failure::Terminal(Rejection {
+        code: None,
+        reason: format!("{size} bytes on the wire; the server's max_payload is {max_payload}"),
+    })
 }
 
 /// The next message of `rx`, or never when there is none.

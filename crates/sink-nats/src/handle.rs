@@ -12,17 +12,55 @@ use tokio::sync::{oneshot, watch, OwnedSemaphorePermit};
 use crate::error::EmitError;
 
 /// Proof that an event is stored.
+///
+/// How much it can say depends on the mechanism that delivered it ([`Health::mechanism`]): a
+/// per-event publish ack names the stream sequence and whether the stream had the message
+/// already; a fast-batch confirmation (a flow ack or the batch's commit) says only that the
+/// event is persisted in order, in which batch and at which batch sequence.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Receipt {
     /// The stream that stored it.
     pub stream: String,
-    /// Its stream sequence.
-    pub sequence: u64,
-    /// The broker had it already (a retry, or the same event emitted twice within the duplicate
-    /// window): it is stored once, at `sequence`.
+    /// Its stream sequence, when the broker's ack named it (per-event acks). `None` for an
+    /// event confirmed by a fast batch: the server's flow acks carry no stream sequence.
+    pub sequence: Option<u64>,
+    /// The broker said it had the event already (a retry, or the same event emitted twice within
+    /// the duplicate window): it is stored once. Only per-event acks say so; inside a fast batch
+    /// the server skips a duplicate without a word, so `false` there proves nothing either way.
     pub duplicate: bool,
     /// The `Nats-Msg-Id` it was stored under.
     pub msg_id: MsgId,
+    /// The fast batch that confirmed it, when a lane delivered it.
+    pub batch: Option<BatchReceipt>,
+}
+
+/// Where a fast batch confirmed an event.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BatchReceipt {
+    /// The batch id.
+    pub id: String,
+    /// The event's sequence within that batch (from 1).
+    pub seq: u64,
+}
+
+/// How the sink delivers, as decided at start (and changed only when the stream changes).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Mechanism {
+    /// One publish per event, each with its own ack, in [`Health::ordering`].
+    PerEvent,
+    /// Fast-batch lanes (nats-server 2.14+, a stream with `allow_batched`): pipelined, ordered
+    /// per lane, confirmed by flow acks.
+    FastBatch,
+}
+
+impl std::fmt::Display for Mechanism {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Mechanism::PerEvent => "per-event acks",
+            Mechanism::FastBatch => "fast-batch lanes",
+        })
+    }
 }
 
 /// The breaker's state as seen from outside.
@@ -71,6 +109,11 @@ pub struct Health {
     /// it (chaining is unsafe on this server and stream, see [`sink_core::capability`]); `None`
     /// while the configured mode is in force.
     pub ordering_reason: Option<String>,
+    /// The delivery mechanism in force.
+    pub mechanism: Mechanism,
+    /// Why that mechanism: the server version and stream settings that decided it, or the event
+    /// that changed it (the stream stopped allowing batches). Also logged at INFO when decided.
+    pub mechanism_reason: String,
 }
 
 /// What `close` could not deliver.
@@ -152,6 +195,8 @@ impl Shared {
                 window,
                 stream_violations: Vec::new(),
                 ordering_reason: None,
+                mechanism: Mechanism::PerEvent,
+                mechanism_reason: "not decided yet: the stream has not been checked".to_owned(),
             }),
             max_payload: AtomicUsize::new(max_payload),
             final_report: watch::Sender::new(None),

@@ -22,11 +22,11 @@
 //! let event = CloudEvent::new("evt-1", "/svc/billing", "com.example.invoice.paid")
 //!     .with_data_json(serde_json::json!({ "tenantId": "acme", "amount": 42 }));
 //! let receipt = sink.emit(&event).await?; // returns once the stream has stored it
-//! println!("stored in {} at sequence {}", receipt.stream, receipt.sequence);
+//! println!("stored in {} ({:?})", receipt.stream, receipt.sequence);
 //!
 //! // Pipelined: `send` returns once queued; the handle resolves when stored.
 //! let pending = sink.send(event.clone()).await?;
-//! assert!(pending.await?.duplicate); // same source + id: stored once
+//! pending.await?; // same source + id: stored once (a per-event ack says `duplicate: true`)
 //!
 //! let report = sink.close(Duration::from_secs(10)).await;
 //! assert!(report.complete());
@@ -42,9 +42,11 @@ mod clock;
 mod config;
 mod connect;
 mod driver;
+mod engine;
 mod error;
 mod facts;
 mod handle;
+mod lanes;
 mod metrics;
 mod provision;
 mod secret;
@@ -61,10 +63,13 @@ mod wire;
 pub mod cellos;
 
 pub use classify::{classify, classify_api_error, parse_wrong_last_id, Verdict};
-pub use config::{Auth, OrderingKey, SinkConfig, StreamPolicy, Tls, WhenFull};
+pub use config::{Auth, Batching, OrderingKey, SinkConfig, StreamPolicy, Tls, WhenFull};
 pub use error::{EmitError, StartError};
-pub use facts::{facts_from_json, new_stream_config, read_stream_facts, StreamInfoError};
-pub use handle::{BreakerStatus, CloseReport, Health, Receipt};
+pub use facts::{
+    create_stream, facts_from_json, new_stream_config, new_stream_request, read_stream_facts,
+    StreamInfoError,
+};
+pub use handle::{BatchReceipt, BreakerStatus, CloseReport, Health, Mechanism, Receipt};
 pub use secret::Secret;
 pub use server_url::{redact_url, ServerUrl, UrlError};
 pub use sink::{EventSink, JetStreamSink, Pending, SinkBuilder};

@@ -4,9 +4,14 @@
 //! `jetsink_retries_total`, `jetsink_retries_beyond_dedup_window_total`, `jetsink_rejected_total`,
 //! `jetsink_queue_depth`, `jetsink_in_flight`, `jetsink_breaker_state` (0 closed, 1 open, 2 half-open),
 //! `jetsink_stream_violations{stream}` (what the last re-verification of the running stream found
-//! wrong; 0 when it meets every requirement).
+//! wrong; 0 when it meets every requirement), `jetsink_fast_batch` (1 while fast-batch lanes deliver,
+//! 0 with per-event acks), `jetsink_batches_total{end}` (fast batches by how they ended:
+//! `committed`, `gap`, `refused`, `unknown_batch`, `no_answer`, `connection_lost`).
 
 use sink_core::breaker::BreakerEvent;
+use sink_core::lane::BatchEnd;
+
+use crate::handle::Mechanism;
 
 pub(crate) fn published(retry: bool) {
     metrics::counter!("jetsink_published_total", "retry" => if retry { "true" } else { "false" })
@@ -49,4 +54,25 @@ pub(crate) fn gauges(queued: usize, in_flight: usize, window: usize) {
 
 pub(crate) fn stream_violations(stream: &str, count: usize) {
     metrics::gauge!("jetsink_stream_violations", "stream" => stream.to_owned()).set(count as f64);
+}
+
+pub(crate) fn mechanism(mechanism: Mechanism) {
+    let lanes = if mechanism == Mechanism::FastBatch {
+        1.0
+    } else {
+        0.0
+    };
+    metrics::gauge!("jetsink_fast_batch").set(lanes);
+}
+
+pub(crate) fn batch_ended(end: &BatchEnd) {
+    let end = match end {
+        BatchEnd::Committed => "committed",
+        BatchEnd::Gap => "gap",
+        BatchEnd::Refused(_) => "refused",
+        BatchEnd::UnknownBatch => "unknown_batch",
+        BatchEnd::NoAnswer => "no_answer",
+        BatchEnd::ConnectionLost => "connection_lost",
+    };
+    metrics::counter!("jetsink_batches_total", "end" => end).increment(1);
 }

@@ -14,7 +14,7 @@ use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
 use tracing::Instrument as _;
 
 use crate::clock;
-use crate::config::{Auth, OrderingKey, SinkConfig, StreamPolicy, Tls, WhenFull};
+use crate::config::{Auth, Batching, OrderingKey, SinkConfig, StreamPolicy, Tls, WhenFull};
 use crate::connect::{connect_error, connect_options, server_addrs, validate};
 use crate::driver::{self, Started};
 use crate::error::{EmitError, StartError};
@@ -412,6 +412,18 @@ impl SinkBuilder {
     /// Ordering mode (default chained).
     pub fn ordering(mut self, mode: OrderingMode) -> Self {
         self.config.ordering = mode;
+        self
+    }
+    /// Whether fast-batch lanes may be used (default [`Batching::Auto`]: on nats-server 2.14+
+    /// when the stream allows batches).
+    pub fn batching(mut self, batching: Batching) -> Self {
+        self.config.batching = batching;
+        self
+    }
+    /// Most fast-batch lanes with a tenant or subject ordering key (1 to 64, default 4); see
+    /// [`SinkConfig::lanes`].
+    pub fn lanes(mut self, lanes: usize) -> Self {
+        self.config.lanes = lanes;
         self
     }
     /// Ordering key (default: the whole sink).

@@ -47,7 +47,7 @@ async fn prompt_recovery_after_a_long_outage(version: ServerVersion) {
     let took = back.elapsed();
     eprintln!(
         "{version}: first ack {took:?} after the server's return from a {OUTAGE:?} outage \
-         (breaker {:?} before it), stored as {}",
+         (breaker {:?} before it), stored as {:?}",
         during.breaker, receipt.sequence
     );
     assert!(

@@ -10,7 +10,7 @@ use std::time::Duration;
 use common::*;
 use sink_core::event::{CloudEvent, MsgId};
 use sink_core::outbox::OrderingMode;
-use sink_nats::{BreakerStatus, EmitError, JetStreamSink, StreamPolicy};
+use sink_nats::{BreakerStatus, EmitError, JetStreamSink, Receipt, StreamPolicy};
 use sink_testkit::{read_stream, NatsServer, ServerOptions, ServerVersion, StoredMessage};
 
 /// A stream name of 100 characters: every byte of `Nats-Expected-Stream` counts.
@@ -48,7 +48,7 @@ async fn stored(server: &NatsServer, stream: &str) -> Vec<StoredMessage> {
 }
 
 /// Emits `event`; an accepted event must get its outcome well within the I5 bound.
-async fn emit_bounded(sink: &JetStreamSink, event: &CloudEvent) -> Result<u64, EmitError> {
+async fn emit_bounded(sink: &JetStreamSink, event: &CloudEvent) -> Result<Receipt, EmitError> {
     let outcome = tokio::time::timeout(Duration::from_secs(20), sink.emit(event))
         .await
         .unwrap_or_else(|_| {
@@ -57,7 +57,7 @@ async fn emit_bounded(sink: &JetStreamSink, event: &CloudEvent) -> Result<u64, E
                 event.id
             )
         });
-    outcome.map(|r| r.sequence)
+    outcome
 }
 
 /// Binary search for the largest `blob` the sink accepts: every accepted probe must be stored, every
@@ -115,7 +115,7 @@ async fn largest_event_is_stored(version: ServerVersion, ordering: OrderingMode)
     }
     // The largest accepted size, once more under a fresh id, is stored.
     let largest = sized_event(90_000, fits);
-    let sequence = emit_bounded(&sink, &largest)
+    let receipt = emit_bounded(&sink, &largest)
         .await
         .expect("the largest accepted event is stored");
     assert_eq!(sink.health().breaker, BreakerStatus::Closed);
@@ -125,7 +125,13 @@ async fn largest_event_is_stored(version: ServerVersion, ordering: OrderingMode)
         .iter()
         .find(|m| m.msg_id.as_deref() == Some(id.as_str()))
         .expect("stored");
-    assert_eq!(copy.stream_sequence, sequence);
+    match receipt.sequence {
+        Some(sequence) => assert_eq!(copy.stream_sequence, sequence),
+        None => assert!(
+            receipt.batch.is_some(),
+            "a receipt names a sequence or a batch"
+        ),
+    }
     let size = wire_size(copy);
     assert!(size <= MAX_PAYLOAD, "{size}");
     if ordering == OrderingMode::Unordered {

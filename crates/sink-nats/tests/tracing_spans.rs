@@ -131,7 +131,7 @@ async fn spans_carry_the_cloudevent_id(version: ServerVersion) {
         let spans = seen.by_ce_id(&s.event.id);
         assert_eq!(spans.len(), 1, "one span per event: {spans:?}");
         let span = &spans[0];
-        assert_eq!(span.stream_seq, Some(receipt.sequence), "{span:?}");
+        assert_eq!(span.stream_seq, receipt.sequence, "{span:?}");
         for message in ["transmit", "delivered"] {
             assert!(
                 span.events.iter().any(|m| m == message),

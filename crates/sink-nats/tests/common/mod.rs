@@ -73,7 +73,10 @@ pub fn expectations(sent: &[Sent], key_by_tenant: bool) -> Vec<Expected> {
             } else {
                 String::new()
             },
-            reported_sequence: s.outcome.as_ref().ok().map(|r| r.sequence),
+            reported_sequence: s.outcome.as_ref().ok().map(|r| {
+                r.sequence
+                    .unwrap_or(sink_core::audit::SEQUENCE_NOT_REPORTED)
+            }),
         })
         .collect()
 }

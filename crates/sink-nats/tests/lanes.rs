@@ -1,0 +1,227 @@
+//! Fast-batch lanes on real servers (issue #11): chosen where the server and stream allow them, in
+//! order per producer with several producers on one stream, through kill -9, idle past the
+//! server's batch timeout, re-emits, and a stream edited to refuse batches mid-run.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+use sink_nats::{Batching, JetStreamSink, Mechanism};
+use sink_testkit::{read_stream, Expected, ServerVersion};
+
+/// Sends `n` events of `run` from `sink`, pipelined, and awaits every outcome.
+async fn produce(sink: JetStreamSink, run: String, n: usize) -> Vec<Sent> {
+    send_all(&sink, &run, n, 3).await
+}
+
+/// Audits several producers' reports against the stream: every delivered event stored once, each
+/// producer's events in its own send order (other producers interleave freely).
+async fn audit_producers(url: &str, runs: &[(String, Vec<Sent>)]) -> sink_testkit::AuditReport {
+    let client = async_nats::connect(url).await.expect("audit connect");
+    let js = async_nats::jetstream::new(client);
+    let stored = read_stream(&js, STREAM, Duration::from_secs(60))
+        .await
+        .expect("read stream back");
+    let expected: Vec<Expected> = runs
+        .iter()
+        .flat_map(|(run, sent)| {
+            expectations(sent, false).into_iter().map(move |mut e| {
+                e.key = run.clone();
+                e
+            })
+        })
+        .collect();
+    sink_testkit::compare(&expected, &stored)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_producer_delivers_in_order_through_a_lane_on_2_15() {
+    let server = server(ServerVersion::V2_15).await;
+    let sink = builder(&server.url()).connect().await.expect("connect");
+    let health = sink.health();
+    assert_eq!(health.mechanism, Mechanism::FastBatch, "{health:?}");
+    assert!(
+        health.mechanism_reason.contains("allow_batched"),
+        "{health:?}"
+    );
+    let sent = send_all(&sink, "lane1", 20_000, 3).await;
+    assert_all_ok(&sent);
+    let batched = sent
+        .iter()
+        .filter(|s| s.outcome.as_ref().is_ok_and(|r| r.batch.is_some()))
+        .count();
+    assert_eq!(batched, sent.len(), "every receipt names its batch");
+    let report = audit(&server.url(), &sent).await;
+    report.assert_passed();
+    assert_eq!(report.stored, 20_000, "{report}");
+    assert!(sink.close(Duration::from_secs(5)).await.complete());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn four_producers_each_keep_their_order_on_one_stream_on_2_15() {
+    let server = server(ServerVersion::V2_15).await;
+    let mut sinks = Vec::new();
+    for p in 0..4 {
+        let sink = builder(&server.url())
+            .name(format!("producer-{p}"))
+            .connect()
+            .await
+            .expect("connect");
+        assert_eq!(sink.health().mechanism, Mechanism::FastBatch);
+        sinks.push(sink);
+    }
+    let tasks: Vec<_> = sinks
+        .iter()
+        .enumerate()
+        .map(|(p, sink)| {
+            let run = format!("p{p}");
+            (run.clone(), tokio::spawn(produce(sink.clone(), run, 5_000)))
+        })
+        .collect();
+    let mut runs = Vec::new();
+    for (run, task) in tasks {
+        let sent = task.await.expect("producer task");
+        assert_all_ok(&sent);
+        runs.push((run, sent));
+    }
+    let report = audit_producers(&server.url(), &runs).await;
+    report.assert_passed();
+    assert_eq!(report.stored, 20_000, "{report}");
+    for sink in sinks {
+        assert!(sink.close(Duration::from_secs(5)).await.complete());
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lone_event_is_confirmed_without_waiting_for_a_batch_to_fill_on_2_15() {
+    let server = server(ServerVersion::V2_15).await;
+    let sink = builder(&server.url()).connect().await.expect("connect");
+    assert_eq!(sink.health().mechanism, Mechanism::FastBatch);
+    for i in 0..5 {
+        let started = Instant::now();
+        let receipt = sink.emit(&event("lone", i, 1)).await.expect("delivered");
+        // The server's batch timeout is 10 s: a receipt long before it means the lane committed
+        // the lone event instead of waiting for more.
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "event {i} took {:?}",
+            started.elapsed()
+        );
+        assert!(receipt.batch.is_some(), "{receipt:?}");
+    }
+    assert!(sink.close(Duration::from_secs(5)).await.complete());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lane_idle_past_the_batch_timeout_goes_on_on_2_15() {
+    let server = server(ServerVersion::V2_15).await;
+    let sink = builder(&server.url()).connect().await.expect("connect");
+    let first = send_all(&sink, "idle-a", 300, 1).await;
+    assert_all_ok(&first);
+    // Longer than the server's 10 s batch timeout.
+    tokio::time::sleep(Duration::from_secs(12)).await;
+    let second = send_all(&sink, "idle-b", 300, 1).await;
+    assert_all_ok(&second);
+    let runs = vec![("a".to_owned(), first), ("b".to_owned(), second)];
+    let report = audit_producers(&server.url(), &runs).await;
+    report.assert_passed();
+    assert_eq!(report.stored, 600, "{report}");
+    assert!(sink.close(Duration::from_secs(5)).await.complete());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn re_emitted_events_are_stored_once_through_a_lane_on_2_15() {
+    let server = server(ServerVersion::V2_15).await;
+    let sink = builder(&server.url()).connect().await.expect("connect");
+    let first = send_all(&sink, "re", 1_000, 1).await;
+    assert_all_ok(&first);
+    // Every other event of the first run again, interleaved with new ones.
+    let mut pending = Vec::new();
+    for i in 0..1_000 {
+        let e = if i % 2 == 0 {
+            event("re", i, 1)
+        } else {
+            event("re-new", i, 1)
+        };
+        pending.push((e.clone(), sink.send(e).await.expect("accepted")));
+    }
+    let second = await_outcomes(pending).await;
+    assert_all_ok(&second);
+    let mut all = first;
+    all.extend(second);
+    let report = audit(&server.url(), &all).await;
+    report.assert_passed();
+    assert_eq!(report.stored, 1_500, "{report}");
+    assert!(sink.close(Duration::from_secs(5)).await.complete());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn four_producers_through_kill_9_and_restart_lose_nothing_on_2_15() {
+    let mut server = server(ServerVersion::V2_15).await;
+    let mut sinks = Vec::new();
+    for p in 0..4 {
+        let sink = builder(&server.url())
+            .name(format!("producer-{p}"))
+            .reconnect(fast_reconnect())
+            .connect()
+            .await
+            .expect("connect");
+        sinks.push(sink);
+    }
+    let tasks: Vec<_> = sinks
+        .iter()
+        .enumerate()
+        .map(|(p, sink)| {
+            let run = format!("k{p}");
+            (
+                run.clone(),
+                tokio::spawn(produce(sink.clone(), run, 10_000)),
+            )
+        })
+        .collect();
+    wait_in_flight(&sinks[0], 1, Duration::from_secs(10)).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    server.kill().await.expect("kill -9");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    server.restart().await.expect("restart");
+    let mut runs = Vec::new();
+    for (run, task) in tasks {
+        let sent = task.await.expect("producer task");
+        assert_all_ok(&sent);
+        runs.push((run, sent));
+    }
+    let report = audit_producers(&server.url(), &runs).await;
+    report.assert_passed();
+    assert_eq!(report.stored, 40_000, "{report}");
+    for sink in sinks {
+        assert!(sink.close(Duration::from_secs(5)).await.complete());
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn older_servers_and_batching_off_use_per_event_acks() {
+    let old = server(ServerVersion::V2_9).await;
+    let sink = builder(&old.url()).connect().await.expect("connect");
+    let health = sink.health();
+    assert_eq!(health.mechanism, Mechanism::PerEvent, "{health:?}");
+    assert!(health.mechanism_reason.contains("2.9.10"), "{health:?}");
+    let receipt = sink.emit(&event("old", 0, 1)).await.expect("delivered");
+    assert!(
+        receipt.sequence.is_some() && receipt.batch.is_none(),
+        "{receipt:?}"
+    );
+    assert!(sink.close(Duration::from_secs(5)).await.complete());
+
+    let new = server(ServerVersion::V2_15).await;
+    let sink = builder(&new.url())
+        .batching(Batching::Off)
+        .connect()
+        .await
+        .expect("connect");
+    let health = sink.health();
+    assert_eq!(health.mechanism, Mechanism::PerEvent, "{health:?}");
+    let receipt = sink.emit(&event("off", 0, 1)).await.expect("delivered");
+    assert_eq!(receipt.sequence, Some(1), "{receipt:?}");
+    assert!(sink.close(Duration::from_secs(5)).await.complete());
+}
