@@ -8,7 +8,8 @@ use std::time::Duration;
 use async_nats::jetstream;
 use clap::Args;
 use serde_json::Value;
-use sink_core::stream::verify;
+use sink_core::capability::ServerVersion;
+use sink_core::stream::{advise, verify};
 use sink_nats::{connect_client, stream_requirements, Auth, ServerUrl, SinkConfig, StartError};
 
 use crate::config::Common;
@@ -59,11 +60,12 @@ impl Checks {
 }
 
 /// Optional server features the sink can use, and the version that brought them.
-const FEATURES: [(&str, (u64, u64)); 4] = [
+const FEATURES: [(&str, (u64, u64)); 5] = [
     ("Nats-Expected-Last-Msg-Id chaining", (2, 2)),
     ("subject transforms, stream compression", (2, 10)),
     ("per-message TTL", (2, 11)),
     ("atomic batch publish", (2, 12)),
+    ("fast-batch publish (allow_batched)", (2, 14)),
 ];
 
 /// Runs `doctor`.
@@ -377,6 +379,11 @@ async fn stream_check(
             }
             for v in violations {
                 checks.line(Verdict::Fail, "stream", v);
+            }
+            // Not a failure: the sink works, slower.
+            let server = ServerVersion::parse(&client.server_info().version);
+            for a in advise(&facts, server) {
+                checks.line(Verdict::Warn, "stream", a);
             }
         }
     }

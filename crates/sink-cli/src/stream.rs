@@ -1,12 +1,16 @@
 //! `jetsink stream ensure|verify`: the stream's facts against the sink's requirements, as a table.
+//!
+//! Below the table come the violations (exit 1) and then the advice: settings that cost speed, not
+//! a promise (a 2.14+ stream without `allow_batched`), which leave the exit code alone.
 
 use std::process::ExitCode;
 
 use anyhow::Context as _;
 use async_nats::jetstream;
 use clap::{Args, Subcommand};
-use sink_core::stream::{verify, StreamFacts, StreamRequirements, Violation};
-use sink_nats::{connect_client, new_stream_config, read_stream_facts, stream_requirements};
+use sink_core::capability::ServerVersion;
+use sink_core::stream::{advise, verify, Advice, StreamFacts, StreamRequirements, Violation};
+use sink_nats::{connect_client, create_stream, read_stream_facts, stream_requirements};
 
 use crate::config::Common;
 use crate::output::{duration, Table};
@@ -14,8 +18,8 @@ use crate::output::{duration, Table};
 /// Stream subcommands.
 #[derive(Subcommand, Debug)]
 pub enum StreamCommand {
-    /// Create the stream if it is missing (file storage, max_age 90d, duplicate window 2m),
-    /// then verify it; an existing stream is never changed
+    /// Create the stream if it is missing (file storage, max_age 90d, duplicate window 2m,
+    /// allow_batched on nats-server 2.14+), then verify it; an existing stream is never changed
     Ensure(StreamArgs),
     /// Check the stream against the requirements (subjects, retention floor, duplicate window,
     /// storage, acks, limits, and settings that evict, rewrite or refuse events); exit 1 on any
@@ -57,12 +61,12 @@ pub async fn run(command: StreamCommand, common: &Common) -> anyhow::Result<Exit
     config.retention_floor = std::time::Duration::from_secs(args.retention_floor_days * 86_400);
     let req = stream_requirements(&config)?;
     let client = connect_client(&config).await?;
+    let server = ServerVersion::parse(&client.server_info().version);
     let js = jetstream::new(client);
     let facts = match lookup(&js, &config.stream).await? {
         Lookup::Found(facts) => *facts,
         Lookup::Missing if create => {
-            let stream_config = new_stream_config(&config.stream, req.subject_filters.clone());
-            js.create_stream(stream_config)
+            let facts = create_stream(&js, &config.stream, req.subject_filters.clone(), server)
                 .await
                 .with_context(|| format!("cannot create stream {}", config.stream))?;
             println!(
@@ -70,13 +74,7 @@ pub async fn run(command: StreamCommand, common: &Common) -> anyhow::Result<Exit
                 config.stream,
                 req.subject_filters.join(", ")
             );
-            match lookup(&js, &config.stream).await? {
-                Lookup::Found(facts) => *facts,
-                Lookup::Missing => anyhow::bail!(
-                    "stream {} was created, then not found: was it deleted at once?",
-                    config.stream
-                ),
-            }
+            facts
         }
         Lookup::Missing => {
             println!(
@@ -87,7 +85,8 @@ pub async fn run(command: StreamCommand, common: &Common) -> anyhow::Result<Exit
         }
     };
     let violations = verify(&facts, &req);
-    print!("{}", report(&facts, &req, &violations));
+    let advice = advise(&facts, server);
+    print!("{}", report(&facts, &req, &violations, &advice));
     Ok(if violations.is_empty() {
         ExitCode::SUCCESS
     } else {
@@ -95,10 +94,16 @@ pub async fn run(command: StreamCommand, common: &Common) -> anyhow::Result<Exit
     })
 }
 
-/// The facts table followed by one line per violation (or a verdict that the stream is fit).
-pub fn report(facts: &StreamFacts, req: &StreamRequirements, violations: &[Violation]) -> String {
+/// The facts table followed by one line per violation (or a verdict that the stream is fit),
+/// then one line per advice.
+pub fn report(
+    facts: &StreamFacts,
+    req: &StreamRequirements,
+    violations: &[Violation],
+    advice: &[Advice],
+) -> String {
     let mut out = format!("stream {}\n\n", facts.name);
-    out.push_str(&facts_table(facts, req, violations).to_string());
+    out.push_str(&facts_table(facts, req, violations, advice).to_string());
     out.push('\n');
     if violations.is_empty() {
         out.push_str("stream meets every requirement\n");
@@ -108,17 +113,36 @@ pub fn report(facts: &StreamFacts, req: &StreamRequirements, violations: &[Viola
             out.push_str(&format!("  - {v}\n"));
         }
     }
+    if !advice.is_empty() {
+        out.push_str(&format!(
+            "{} advice (not a violation; costs speed):\n",
+            advice.len()
+        ));
+        for a in advice {
+            out.push_str(&format!("  - {a}\n"));
+        }
+    }
     out
 }
 
-/// One row per checked field: found value, required value, `ok` or `VIOLATION`.
+/// One row per checked field: found value, required value, `ok`, `VIOLATION` or `ADVICE`.
 pub fn facts_table(
     facts: &StreamFacts,
     req: &StreamRequirements,
     violations: &[Violation],
+    advice: &[Advice],
 ) -> Table {
     let bad = |field: &str| violations.iter().any(|v| v.field() == field);
-    let status = |field: &str| if bad(field) { "VIOLATION" } else { "ok" };
+    let advised = |field: &str| advice.iter().any(|a| a.field() == field);
+    let status = |field: &str| {
+        if bad(field) {
+            "VIOLATION"
+        } else if advised(field) {
+            "ADVICE"
+        } else {
+            "ok"
+        }
+    };
     let limit = |n: i64| {
         if n <= 0 {
             "unlimited".to_owned()
@@ -253,6 +277,12 @@ pub fn facts_table(
         "none".to_owned(),
         status("mirror").to_owned(),
     ]);
+    t.row([
+        "allow_batched".to_owned(),
+        facts.allow_batched.to_string(),
+        "true advised on 2.14+".to_owned(),
+        status("allow_batched").to_owned(),
+    ]);
     t
 }
 
@@ -272,7 +302,7 @@ mod tests {
         facts.max_age = Duration::from_secs(30 * 86_400);
         facts.storage = sink_core::stream::StorageKind::Memory;
         let violations = verify(&facts, &req);
-        insta::assert_snapshot!(report(&facts, &req, &violations));
+        insta::assert_snapshot!(report(&facts, &req, &violations, &[]));
     }
 
     #[test]
@@ -290,6 +320,24 @@ mod tests {
         });
         facts.persist_mode = sink_core::stream::PersistMode::Async;
         let violations = verify(&facts, &req);
-        insta::assert_snapshot!(report(&facts, &req, &violations));
+        insta::assert_snapshot!(report(&facts, &req, &violations, &[]));
+    }
+
+    #[test]
+    fn a_2_15_stream_without_allow_batched_passes_with_advice() {
+        let req = StreamRequirements::for_subject_filter(
+            "cellos.events.*.v1",
+            Duration::from_millis(15_500),
+        );
+        let facts = StreamFacts::recommended("CELLOS_EVENTS", vec!["cellos.events.>".into()]);
+        let violations = verify(&facts, &req);
+        assert!(violations.is_empty());
+        let advice = advise(&facts, ServerVersion::parse("2.15.1"));
+        insta::assert_snapshot!(report(&facts, &req, &violations, &advice));
+        let on_2_12 = advise(&facts, ServerVersion::parse("2.12.8"));
+        assert!(on_2_12.is_empty());
+        let text = report(&facts, &req, &violations, &on_2_12);
+        assert!(!text.contains("advice"), "{text}");
+        assert!(!text.contains("ADVICE"), "{text}");
     }
 }

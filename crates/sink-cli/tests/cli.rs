@@ -351,6 +351,61 @@ async fn ensure_creates_a_missing_stream_that_then_verifies() {
     assert!(!stdout(&out).contains("created"), "{}", show(&out));
 }
 
+/// On 2.15, `ensure` creates the stream with `allow_batched`; `verify` and `doctor` accept a
+/// stream without it (exit 0) and advise turning it on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn allow_batched_is_created_on_2_15_and_advised_where_missing() {
+    let server = NatsServer::start(ServerOptions::version(ServerVersion::V2_15))
+        .await
+        .expect("start nats-server 2.15");
+    let url = server.url();
+    let out = jetsink(&["--url", &url, "stream", "ensure"]);
+    assert_eq!(code(&out), 0, "{}", show(&out));
+    let text = stdout(&out);
+    assert!(text.contains("created stream CELLOS_EVENTS"), "{text}");
+    let row = text
+        .lines()
+        .find(|l| l.starts_with("allow_batched "))
+        .unwrap_or_default();
+    assert!(row.contains("true") && row.ends_with("ok"), "{text}");
+    assert!(!text.contains("advice"), "{text}");
+
+    let js = async_nats::jetstream::new(server.connect().await.expect("connect"));
+    js.delete_stream("CELLOS_EVENTS").await.expect("delete");
+    js.create_stream(Config {
+        name: "CELLOS_EVENTS".into(),
+        subjects: vec!["cellos.events.>".into()],
+        duplicate_window: Duration::from_secs(120),
+        ..Config::default()
+    })
+    .await
+    .expect("create a stream without allow_batched");
+    let out = jetsink(&["--url", &url, "stream", "verify"]);
+    assert_eq!(code(&out), 0, "advice is not a violation: {}", show(&out));
+    let text = stdout(&out);
+    let row = text
+        .lines()
+        .find(|l| l.starts_with("allow_batched "))
+        .unwrap_or_default();
+    assert!(row.contains("false") && row.ends_with("ADVICE"), "{text}");
+    assert!(text.contains("stream meets every requirement"), "{text}");
+    assert!(text.contains("1 advice"), "{text}");
+    assert!(text.contains("set allow_batched to true"), "{text}");
+
+    let out = jetsink(&["--url", &url, "doctor"]);
+    assert_eq!(code(&out), 0, "{}", show(&out));
+    let text = stdout(&out);
+    assert!(
+        text.contains("PASS  capability    fast-batch publish (allow_batched): yes (2.14+)"),
+        "{text}"
+    );
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("WARN  stream") && l.contains("allow_batched is false")),
+        "{text}"
+    );
+}
+
 #[test]
 fn unreachable_url_exits_2_without_echoing_the_password() {
     let out = jetsink(&[
