@@ -857,8 +857,10 @@ impl<T: Transport> Driver<T> {
     fn set_mechanism(&self, mechanism: Mechanism, reason: String) {
         tracing::info!(%mechanism, %reason, "delivery mechanism");
         m::mechanism(mechanism);
+        let lanes = self.engine.lanes();
         self.shared.health.send_modify(|h| {
             h.mechanism = mechanism;
+            h.lanes = lanes;
             h.mechanism_reason = reason;
         });
     }
@@ -974,9 +976,17 @@ impl<T: Transport> Driver<T> {
             BreakerState::HalfOpen { .. } => BreakerStatus::HalfOpen,
         };
         let ordering = self.engine.ordering(self.config.ordering);
+        let lanes = self.engine.lanes();
         self.shared.health.send_if_modified(|h| {
-            let changed = (h.queued, h.in_flight, h.window, h.breaker, h.ordering)
-                != (queued, in_flight, window, breaker, ordering);
+            let changed = (
+                h.queued,
+                h.in_flight,
+                h.window,
+                h.breaker,
+                h.ordering,
+                h.lanes,
+            ) != (queued, in_flight, window, breaker, ordering, lanes);
+            h.lanes = lanes;
             h.queued = queued;
             h.in_flight = in_flight;
             h.window = window;

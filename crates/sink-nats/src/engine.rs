@@ -87,6 +87,14 @@ impl Engine {
         }
     }
 
+    /// Fast-batch lanes open (0 with per-event acks).
+    pub(crate) fn lanes(&self) -> usize {
+        match self {
+            Engine::PerEvent(_) => 0,
+            Engine::Lanes(l) => l.open(),
+        }
+    }
+
     pub(crate) fn len(&self) -> usize {
         match self {
             Engine::PerEvent(o) => o.len(),

@@ -111,6 +111,9 @@ pub struct Health {
     pub ordering_reason: Option<String>,
     /// The delivery mechanism in force.
     pub mechanism: Mechanism,
+    /// Fast-batch lanes open (0 with per-event acks): one per sink, or with a tenant or subject
+    /// ordering key up to [`SinkConfig::lanes`](crate::SinkConfig::lanes).
+    pub lanes: usize,
     /// Why that mechanism: the server version and stream settings that decided it, or the event
     /// that changed it (the stream stopped allowing batches). Also logged at INFO when decided.
     pub mechanism_reason: String,
@@ -196,6 +199,7 @@ impl Shared {
                 stream_violations: Vec::new(),
                 ordering_reason: None,
                 mechanism: Mechanism::PerEvent,
+                lanes: 0,
                 mechanism_reason: "not decided yet: the stream has not been checked".to_owned(),
             }),
             max_payload: AtomicUsize::new(max_payload),

@@ -139,6 +139,11 @@ impl LaneSet {
         self.lanes.get_mut(i)
     }
 
+    /// Lanes open now.
+    pub(crate) fn open(&self) -> usize {
+        self.lanes.len()
+    }
+
     fn single(&self) -> bool {
         self.max_lanes == 1
     }

@@ -9,7 +9,7 @@ use common::{
     assert_all_ok, audit, await_outcomes, builder, event, fast_reconnect, server, stored_count,
     STREAM,
 };
-use sink_nats::{new_stream_config, StreamPolicy};
+use sink_nats::{new_stream_config, Mechanism, StreamPolicy};
 use sink_testkit::ServerVersion;
 
 /// A stream that breaks the 90-day retention floor exists while the server is down. The sink
@@ -112,6 +112,19 @@ async fn create_after_the_first_connection(version: ServerVersion) {
     report.assert_passed();
     assert_eq!(report.stored, 30);
     assert_eq!(stored_count(&server, STREAM).await, 30);
+    // The events queued before the check moved to fast-batch lanes where the server has them.
+    let health = sink.health();
+    let lanes = version == ServerVersion::V2_15;
+    assert_eq!(
+        health.mechanism == Mechanism::FastBatch,
+        lanes,
+        "{version}: {health:?}"
+    );
+    assert!(
+        sent.iter()
+            .all(|s| s.outcome.as_ref().is_ok_and(|r| r.batch.is_some() == lanes)),
+        "{version}: receipts come from the mechanism in force"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -7,7 +7,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::*;
-use sink_nats::{Batching, JetStreamSink, Mechanism};
+use sink_nats::{Batching, JetStreamSink, Mechanism, OrderingKey};
 use sink_testkit::{read_stream, Expected, ServerVersion};
 
 /// Sends `n` events of `run` from `sink`, pipelined, and awaits every outcome.
@@ -41,6 +41,7 @@ async fn one_producer_delivers_in_order_through_a_lane_on_2_15() {
     let sink = builder(&server.url()).connect().await.expect("connect");
     let health = sink.health();
     assert_eq!(health.mechanism, Mechanism::FastBatch, "{health:?}");
+    assert_eq!(health.lanes, 1, "{health:?}");
     assert!(
         health.mechanism_reason.contains("allow_batched"),
         "{health:?}"
@@ -223,5 +224,76 @@ async fn older_servers_and_batching_off_use_per_event_acks() {
     assert_eq!(health.mechanism, Mechanism::PerEvent, "{health:?}");
     let receipt = sink.emit(&event("off", 0, 1)).await.expect("delivered");
     assert_eq!(receipt.sequence, Some(1), "{receipt:?}");
+    assert!(sink.close(Duration::from_secs(5)).await.complete());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn per_tenant_lanes_keep_each_tenants_order_on_2_15() {
+    let server = server(ServerVersion::V2_15).await;
+    let sink = builder(&server.url())
+        .ordering_key(OrderingKey::Tenant)
+        .lanes(3)
+        .connect()
+        .await
+        .expect("connect");
+    assert_eq!(sink.health().mechanism, Mechanism::FastBatch);
+    // Eight tenants over at most three lanes: keys share lanes and move between them as lanes
+    // empty; every tenant's order must hold throughout.
+    let mut sent = Vec::new();
+    for round in 0..4 {
+        sent.extend(send_all(&sink, &format!("tenants-{round}"), 2_000, 8).await);
+    }
+    assert_all_ok(&sent);
+    assert_eq!(
+        sink.health().lanes,
+        3,
+        "eight tenants opened the three lanes allowed"
+    );
+    let client = async_nats::connect(server.url()).await.expect("connect");
+    let js = async_nats::jetstream::new(client);
+    let stored = read_stream(&js, STREAM, Duration::from_secs(60))
+        .await
+        .expect("read back");
+    let report = sink_testkit::compare(&expectations(&sent, true), &stored);
+    report.assert_passed();
+    assert_eq!(report.stored, 8_000, "{report}");
+    assert!(sink.close(Duration::from_secs(5)).await.complete());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_edited_to_refuse_batches_mid_run_moves_the_sink_to_per_event_acks_on_2_15() {
+    let server = server(ServerVersion::V2_15).await;
+    let sink = builder(&server.url())
+        .reconnect(fast_reconnect())
+        .connect()
+        .await
+        .expect("connect");
+    assert_eq!(sink.health().mechanism, Mechanism::FastBatch);
+    let sending = spawn_send_all(&sink, "edit", 20_000, 1);
+    wait_in_flight(&sink, 1, Duration::from_secs(10)).await;
+    // The operator's edit: the same config with allow_batched off.
+    let js = jetstream(&server).await;
+    let info: serde_json::Value = js
+        .request(format!("STREAM.INFO.{STREAM}"), &())
+        .await
+        .expect("info");
+    let mut config = info["config"].clone();
+    config["allow_batched"] = false.into();
+    let reply: serde_json::Value = js
+        .request(format!("STREAM.UPDATE.{STREAM}"), &config)
+        .await
+        .expect("update");
+    assert!(reply.get("error").is_none(), "{reply}");
+    let sent = sending.await.expect("sender");
+    assert_all_ok(&sent);
+    let health = sink.health();
+    assert_eq!(health.mechanism, Mechanism::PerEvent, "{health:?}");
+    assert!(
+        health.mechanism_reason.contains("refused batch publishing"),
+        "{health:?}"
+    );
+    let report = audit(&server.url(), &sent).await;
+    report.assert_passed();
+    assert_eq!(report.stored, 20_000, "{report}");
     assert!(sink.close(Duration::from_secs(5)).await.complete());
 }
