@@ -15,7 +15,8 @@ use futures::stream::{FuturesUnordered, StreamExt};
 use indicatif::{ProgressBar, ProgressStyle};
 use sink_core::event::{CloudEvent, EventError};
 use sink_nats::{
-    EmitError, Encoding, JetStreamSink, OrderingMode, Pending, SinkBuilder, StreamPolicy,
+    Batching, EmitError, Encoding, Health, JetStreamSink, Mechanism, OrderingKey, OrderingMode,
+    Pending, SinkBuilder, StreamPolicy,
 };
 use tokio::sync::mpsc;
 
@@ -46,9 +47,18 @@ pub struct PublishArgs {
     /// Publishes in flight [default: 1024]
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
     pub window: Option<u64>,
-    /// How order is kept
+    /// How order is kept with per-event acks
     #[arg(long, value_enum, default_value_t = OrderingArg::Chained)]
     pub ordering: OrderingArg,
+    /// Fast-batch lanes: auto (nats-server 2.14+ and a stream with allow_batched) or off
+    #[arg(long, value_enum, default_value_t = BatchingArg::Auto)]
+    pub batching: BatchingArg,
+    /// Which events share an order
+    #[arg(long, value_enum, default_value_t = KeyArg::Sink)]
+    pub ordering_key: KeyArg,
+    /// Most fast-batch lanes with a tenant or subject ordering key (1-64) [default: 4]
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..=64))]
+    pub lanes: Option<u64>,
     /// Wire encoding of the events
     #[arg(long, value_enum, default_value_t = EncodingArg::Structured)]
     pub encoding: EncodingArg,
@@ -77,6 +87,26 @@ pub enum OrderingArg {
     PerKeySerial,
     /// Pipelined without order under faults
     Unordered,
+}
+
+/// `--batching`.
+#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BatchingArg {
+    /// Fast-batch lanes where the server and stream allow them, per-event acks elsewhere
+    Auto,
+    /// Always per-event acks
+    Off,
+}
+
+/// `--ordering-key`.
+#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeyArg {
+    /// All events of this run
+    Sink,
+    /// Events of one tenant
+    Tenant,
+    /// Events of one subject
+    Subject,
 }
 
 /// `--encoding`.
@@ -143,6 +173,18 @@ pub async fn run(args: PublishArgs, common: &Common) -> anyhow::Result<ExitCode>
         EncodingArg::Structured => Encoding::Structured,
         EncodingArg::Binary => Encoding::Binary,
     };
+    config.batching = match args.batching {
+        BatchingArg::Auto => Batching::Auto,
+        BatchingArg::Off => Batching::Off,
+    };
+    config.ordering_key = match args.ordering_key {
+        KeyArg::Sink => OrderingKey::Sink,
+        KeyArg::Tenant => OrderingKey::Tenant,
+        KeyArg::Subject => OrderingKey::Subject,
+    };
+    if let Some(lanes) = args.lanes {
+        config.lanes = usize::try_from(lanes).context("--lanes is too large")?;
+    }
     if let Some(window) = args.window {
         config.window = usize::try_from(window).context("--window is too large")?;
     }
@@ -233,6 +275,7 @@ pub async fn run(args: PublishArgs, common: &Common) -> anyhow::Result<ExitCode>
     }
     drop(item_rx);
 
+    let health = sink.health();
     let close = sink.close(Duration::from_secs(args.close_timeout)).await;
     drop(pending_tx);
     // Every pending handle resolves once `close` has returned; the bound only guards a bug.
@@ -273,6 +316,7 @@ pub async fn run(args: PublishArgs, common: &Common) -> anyhow::Result<ExitCode>
     t.row(["undelivered".to_owned(), thousands(undelivered)]);
     t.row(["elapsed".to_owned(), duration(elapsed)]);
     t.row(["rate".to_owned(), rate(delivered, elapsed)]);
+    t.row(["delivery".to_owned(), delivery(&health)]);
     print!("{t}");
     if let Some(line) = &stopped_at {
         eprintln!("stopped at the first bad line (--strict): {line}");
@@ -473,6 +517,22 @@ fn emit_field(e: &EmitError) -> String {
         EmitError::TooLarge { .. } => "size".into(),
         EmitError::Rejected { .. } => "broker".into(),
         _ => "delivery".into(),
+    }
+}
+
+/// The mechanism in force, as the summary shows it.
+fn delivery(health: &Health) -> String {
+    match health.mechanism {
+        Mechanism::FastBatch => format!("{} ({})", health.mechanism, plural(health.lanes, "lane")),
+        _ => format!("{}, {}", health.mechanism, health.ordering),
+    }
+}
+
+fn plural(n: usize, what: &str) -> String {
+    if n == 1 {
+        format!("1 {what}")
+    } else {
+        format!("{n} {what}s")
     }
 }
 

@@ -88,6 +88,48 @@ fn write_file_with_bad_line(dir: &Path) -> std::path::PathBuf {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publish_goes_through_per_tenant_lanes_on_2_15_and_audit_passes() {
+    let server = NatsServer::start(ServerOptions::version(ServerVersion::V2_15))
+        .await
+        .expect("start nats-server 2.15");
+    let url = server.url();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let sent = dir.path().join("sent.ndjson");
+    let sent = sent.to_str().expect("utf-8 path");
+    let out = jetsink(&[
+        "--url",
+        &url,
+        "publish",
+        "--generate",
+        "2000",
+        "--tenants",
+        "6",
+        "--stream-policy",
+        "create",
+        "--ordering-key",
+        "tenant",
+        "--lanes",
+        "2",
+        "--save",
+        sent,
+    ]);
+    assert_eq!(code(&out), 0, "{}", show(&out));
+    let text = stdout(&out);
+    assert_eq!(
+        row_value(&text, "delivered").as_deref(),
+        Some("2,000"),
+        "{text}"
+    );
+    assert_eq!(
+        row_value(&text, "delivery").as_deref(),
+        Some("fast-batch lanes (2 lanes)"),
+        "{text}"
+    );
+    let out = jetsink(&["--url", &url, "audit", "--expect", sent]);
+    assert_eq!(code(&out), 0, "{}", show(&out));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn generated_events_are_delivered_and_audit_passes() {
     let server = server().await;
     let url = server.url();
@@ -119,6 +161,11 @@ async fn generated_events_are_delivered_and_audit_passes() {
         row_value(&text, "undelivered").as_deref(),
         Some("0"),
         "{text}"
+    );
+    assert_eq!(
+        row_value(&text, "delivery").as_deref(),
+        Some("per-event acks, chained"),
+        "nats-server 2.9 has no fast batches: {text}"
     );
 
     let out = jetsink(&["--url", &url, "audit", "--expect", sent]);
