@@ -897,6 +897,22 @@ impl<T: Transport> Driver<T> {
         }
     }
 
+    /// The running re-verification found that the stream allows batches now (an operator
+    /// followed the start check's advice): per-event delivery hands what it holds to lanes, same
+    /// ids, same order. Publishes still in flight are answered on subjects the lanes ignore; the
+    /// lanes re-send those events, and the stream's duplicate window absorbs a second copy.
+    fn batches_allowed_now(&mut self) {
+        let allowed = self.provision.as_ref().and_then(Provisioner::allow_batched);
+        if allowed != Some(true) || !matches!(self.engine, Engine::PerEvent(_)) {
+            return;
+        }
+        let (mechanism, _) = choose(&self.config, &self.transport.server_version(), allowed);
+        if mechanism == Mechanism::FastBatch {
+            tracing::info!(stream = %self.config.stream, "the stream allows batches now");
+            self.stream_known(self.replicas, allowed);
+        }
+    }
+
     /// Whether a violation of the running stream makes publishing unsafe now.
     fn stream_held(&self) -> bool {
         self.stream_violations
@@ -907,6 +923,9 @@ impl<T: Transport> Driver<T> {
     fn on_stream_check(&mut self, check: StreamCheck) {
         if !self.stream_checked {
             return; // the start policy is still being applied: its check decides
+        }
+        if matches!(check, StreamCheck::Verified(_)) {
+            self.batches_allowed_now();
         }
         let stream = &self.config.stream;
         let violations = match check {

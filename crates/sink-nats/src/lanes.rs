@@ -349,14 +349,10 @@ pub(crate) fn batch_answer(
 }
 
 /// A seed for batch ids, fresh per lane: the standard library's per-process random hash keys,
-/// mixed with the clock so two processes started together differ.
+/// mixed with the wall clock and the process id so two processes started together differ.
 fn random_seed() -> u64 {
     let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u128(
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_nanos()),
-    );
+    h.write_u64(crate::clock::unix_ms());
     h.write_u32(std::process::id());
     h.finish()
 }
@@ -413,7 +409,7 @@ mod tests {
             ..SinkConfig::default()
         };
         let mut set = LaneSet::new(&config, "_INBOX.z").expect("valid");
-        let now = Instant::now();
+        let now = crate::clock::now();
         let a1 = set.push(message("a", 1), 0, now).expect("room");
         let b1 = set.push(message("b", 1), 0, now).expect("room");
         let c1 = set.push(message("c", 1), 0, now).expect("room");

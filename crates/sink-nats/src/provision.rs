@@ -171,10 +171,6 @@ impl Provisioner {
     /// [`StreamChecked`]). The watcher updates it before it sends the [`StreamCheck::Verified`] of
     /// the same read, so a driver handling that check reads the value it belongs to (or a newer
     /// one).
-    #[expect(
-        dead_code,
-        reason = "read by the driver once fast-batch lanes are wired (#11)"
-    )]
     pub(crate) fn allow_batched(&self) -> Option<bool> {
         *self.allow_batched.borrow()
     }

@@ -7,12 +7,63 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::*;
-use sink_nats::{Batching, JetStreamSink, Mechanism, OrderingKey};
+use sink_nats::{Batching, JetStreamSink, Mechanism, OrderingKey, SinkBuilder};
 use sink_testkit::{read_stream, Expected, ServerVersion};
 
-/// Sends `n` events of `run` from `sink`, pipelined, and awaits every outcome.
-async fn produce(sink: JetStreamSink, run: String, n: usize) -> Vec<Sent> {
-    send_all(&sink, &run, n, 3).await
+/// Producers on separate connections, each sending its own run of events concurrently.
+struct Producers {
+    sinks: Vec<JetStreamSink>,
+    tasks: Vec<(String, tokio::task::JoinHandle<Vec<Sent>>)>,
+}
+
+impl Producers {
+    /// Connects `count` sinks to `url` (each through `tweak`), checks they deliver through lanes,
+    /// and starts each sending `per` events of the run `<prefix><i>`.
+    async fn start(
+        url: &str,
+        count: usize,
+        per: usize,
+        prefix: &str,
+        tweak: impl Fn(SinkBuilder) -> SinkBuilder,
+    ) -> Self {
+        let mut sinks = Vec::new();
+        for p in 0..count {
+            let sink = tweak(builder(url).name(format!("producer-{p}")))
+                .connect()
+                .await
+                .expect("connect");
+            let health = sink.health();
+            assert_eq!(health.mechanism, Mechanism::FastBatch, "{health:?}");
+            sinks.push(sink);
+        }
+        let tasks = sinks
+            .iter()
+            .enumerate()
+            .map(|(p, sink)| {
+                let run = format!("{prefix}{p}");
+                (run.clone(), spawn_send_all(sink, &run, per, 3))
+            })
+            .collect();
+        Self { sinks, tasks }
+    }
+
+    /// Waits for every producer; each must have had every event delivered.
+    async fn finish(&mut self) -> Vec<(String, Vec<Sent>)> {
+        let mut runs = Vec::new();
+        for (run, task) in self.tasks.drain(..) {
+            let sent = task.await.expect("producer task");
+            assert_all_ok(&sent);
+            runs.push((run, sent));
+        }
+        runs
+    }
+
+    async fn close(self) {
+        for sink in self.sinks {
+            let report = sink.close(Duration::from_secs(5)).await;
+            assert!(report.complete(), "{report:?}");
+        }
+    }
 }
 
 /// Audits several producers' reports against the stream: every delivered event stored once, each
@@ -62,36 +113,12 @@ async fn one_producer_delivers_in_order_through_a_lane_on_2_15() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn four_producers_each_keep_their_order_on_one_stream_on_2_15() {
     let server = server(ServerVersion::V2_15).await;
-    let mut sinks = Vec::new();
-    for p in 0..4 {
-        let sink = builder(&server.url())
-            .name(format!("producer-{p}"))
-            .connect()
-            .await
-            .expect("connect");
-        assert_eq!(sink.health().mechanism, Mechanism::FastBatch);
-        sinks.push(sink);
-    }
-    let tasks: Vec<_> = sinks
-        .iter()
-        .enumerate()
-        .map(|(p, sink)| {
-            let run = format!("p{p}");
-            (run.clone(), tokio::spawn(produce(sink.clone(), run, 5_000)))
-        })
-        .collect();
-    let mut runs = Vec::new();
-    for (run, task) in tasks {
-        let sent = task.await.expect("producer task");
-        assert_all_ok(&sent);
-        runs.push((run, sent));
-    }
+    let mut producers = Producers::start(&server.url(), 4, 5_000, "p", |b| b).await;
+    let runs = producers.finish().await;
     let report = audit_producers(&server.url(), &runs).await;
     report.assert_passed();
     assert_eq!(report.stored, 20_000, "{report}");
-    for sink in sinks {
-        assert!(sink.close(Duration::from_secs(5)).await.complete());
-    }
+    producers.close().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -160,44 +187,20 @@ async fn re_emitted_events_are_stored_once_through_a_lane_on_2_15() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn four_producers_through_kill_9_and_restart_lose_nothing_on_2_15() {
     let mut server = server(ServerVersion::V2_15).await;
-    let mut sinks = Vec::new();
-    for p in 0..4 {
-        let sink = builder(&server.url())
-            .name(format!("producer-{p}"))
-            .reconnect(fast_reconnect())
-            .connect()
-            .await
-            .expect("connect");
-        sinks.push(sink);
-    }
-    let tasks: Vec<_> = sinks
-        .iter()
-        .enumerate()
-        .map(|(p, sink)| {
-            let run = format!("k{p}");
-            (
-                run.clone(),
-                tokio::spawn(produce(sink.clone(), run, 10_000)),
-            )
-        })
-        .collect();
-    wait_in_flight(&sinks[0], 1, Duration::from_secs(10)).await;
+    let mut producers = Producers::start(&server.url(), 4, 10_000, "k", |b| {
+        b.reconnect(fast_reconnect())
+    })
+    .await;
+    wait_in_flight(&producers.sinks[0], 1, Duration::from_secs(10)).await;
     tokio::time::sleep(Duration::from_millis(200)).await;
     server.kill().await.expect("kill -9");
     tokio::time::sleep(Duration::from_millis(500)).await;
     server.restart().await.expect("restart");
-    let mut runs = Vec::new();
-    for (run, task) in tasks {
-        let sent = task.await.expect("producer task");
-        assert_all_ok(&sent);
-        runs.push((run, sent));
-    }
+    let runs = producers.finish().await;
     let report = audit_producers(&server.url(), &runs).await;
     report.assert_passed();
     assert_eq!(report.stored, 40_000, "{report}");
-    for sink in sinks {
-        assert!(sink.close(Duration::from_secs(5)).await.complete());
-    }
+    producers.close().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -295,5 +298,59 @@ async fn a_stream_edited_to_refuse_batches_mid_run_moves_the_sink_to_per_event_a
     let report = audit(&server.url(), &sent).await;
     report.assert_passed();
     assert_eq!(report.stored, 20_000, "{report}");
+    assert!(sink.close(Duration::from_secs(5)).await.complete());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_edited_to_allow_batches_mid_run_moves_the_sink_to_lanes_on_2_15() {
+    let server = server(ServerVersion::V2_15).await;
+    let js = jetstream(&server).await;
+    // A stream made without allow_batched (portable config): per-event acks at start.
+    js.create_stream(sink_nats::new_stream_config(
+        STREAM,
+        vec!["t.events.*.v1".into()],
+    ))
+    .await
+    .expect("create");
+    let sink = builder(&server.url())
+        .stream_policy(sink_nats::StreamPolicy::Verify)
+        .reverify_interval(Duration::from_millis(300))
+        .connect()
+        .await
+        .expect("connect");
+    let health = sink.health();
+    assert_eq!(health.mechanism, Mechanism::PerEvent, "{health:?}");
+    assert!(
+        health.mechanism_reason.contains("allow_batched"),
+        "{health:?}"
+    );
+    let sending = spawn_send_all(&sink, "upgrade", 30_000, 1);
+    wait_in_flight(&sink, 1, Duration::from_secs(10)).await;
+    let info: serde_json::Value = js
+        .request(format!("STREAM.INFO.{STREAM}"), &())
+        .await
+        .expect("info");
+    let mut config = info["config"].clone();
+    config["allow_batched"] = true.into();
+    let reply: serde_json::Value = js
+        .request(format!("STREAM.UPDATE.{STREAM}"), &config)
+        .await
+        .expect("update");
+    assert!(reply.get("error").is_none(), "{reply}");
+    let sent = sending.await.expect("sender");
+    assert_all_ok(&sent);
+    let health = sink.health();
+    assert_eq!(health.mechanism, Mechanism::FastBatch, "{health:?}");
+    let (per_event, batched) = sent.iter().fold((0, 0), |(p, b), s| match &s.outcome {
+        Ok(r) if r.batch.is_some() => (p, b + 1),
+        _ => (p + 1, b),
+    });
+    assert!(
+        per_event > 0 && batched > 0,
+        "both mechanisms delivered: {per_event} / {batched}"
+    );
+    let report = audit(&server.url(), &sent).await;
+    report.assert_passed();
+    assert_eq!(report.stored, 30_000, "{report}");
     assert!(sink.close(Duration::from_secs(5)).await.complete());
 }
