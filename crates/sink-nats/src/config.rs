@@ -156,7 +156,9 @@ pub struct SinkConfig {
     pub when_full: WhenFull,
     /// While the breaker is open.
     pub when_breaker_open: BreakerOpenPolicy,
-    /// Ack timeout per publish.
+    /// Ack timeout per publish. Fast-batch lanes wait at most 2 s for an expected answer (then
+    /// ping, then give the batch up): an open batch must be answered well within the server's
+    /// 10 s batch timeout.
     pub ack_timeout: Duration,
     /// Per-publish retry delays.
     pub retry: RetrySchedule,
