@@ -1,7 +1,7 @@
-//! Fast-batch lanes under faults (issue #11), 4 producers flooding one stream on nats-server 2.15.1:
-//! stream-leader step-down, kill -9 of the node one producer is connected to, kill -9 of the whole
-//! cluster (3 nodes, R3 stream), and ingest overload (429); each audited for every event stored
-//! once and each producer's events in its own send order.
+//! Fast-batch lanes under faults (issue #11): 4 producers flooding one R3 stream on a 3-node
+//! nats-server 2.15.1 cluster through a stream-leader step-down, kill -9 of the node one producer
+//! is connected to, kill -9 of the whole cluster, and ingest overload (429); each audited for
+//! every event stored once and each producer's events in its own send order.
 
 mod common;
 
@@ -18,8 +18,10 @@ use tokio::sync::{Semaphore, SemaphorePermit};
 /// Producers per test, each a sink of its own on a connection of its own.
 const PRODUCERS: usize = 4;
 
-/// Events each producer sends (fewer under overload, where progress is slow by design).
+/// Events each producer sends.
 const EVENTS: usize = 5_000;
+
+/// Events each producer sends under overload, where progress is slow by design.
 const EVENTS_OVERLOADED: usize = 2_500;
 
 /// Each producer's queue: small beside [`EVENTS`], so `send` waits for room, the sender keeps
