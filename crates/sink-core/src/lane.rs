@@ -454,6 +454,8 @@ struct Batch {
     /// A terminal refusal of this batch sequence: reject that event once everything before it
     /// is confirmed.
     reject: Option<(u64, Rejection)>,
+    /// A publish of this batch was refused for overload (429); the lane's cap shrank once for it.
+    overloaded: bool,
 }
 
 impl Batch {
@@ -499,6 +501,9 @@ pub struct Lane {
     breaker: Breaker,
     outputs: VecDeque<LaneOutput>,
     last_push: Option<Instant>,
+    /// Overload backoff: at most this many unconfirmed events per batch (`None`: the server's
+    /// window). Halved once per batch that meets a 429, grown by what is confirmed after it.
+    overload_cap: Option<u64>,
 }
 
 impl Lane {
@@ -517,6 +522,7 @@ impl Lane {
             retries: 0,
             outputs: VecDeque::new(),
             last_push: None,
+            overload_cap: None,
         })
     }
 
@@ -547,11 +553,18 @@ impl Lane {
         })
     }
 
-    /// Events the open batch may have unconfirmed now (the server's ack interval times
-    /// `outstanding_acks`); with no batch open, the most a batch could reach.
+    /// Events the open batch may have unconfirmed now: the server's ack interval times
+    /// `outstanding_acks`, or less while the lane backs off from overload (429); with no batch
+    /// open, the most the next batch could reach.
     pub fn window(&self) -> usize {
-        let interval = self.batch.as_ref().map_or(self.config.flow, |b| b.interval);
-        usize::from(interval) * usize::from(self.config.outstanding_acks)
+        let window = match &self.batch {
+            Some(b) => self.batch_window(b),
+            None => {
+                let full = u64::from(self.config.flow) * u64::from(self.config.outstanding_acks);
+                self.overload_cap.map_or(full, |cap| cap.min(full))
+            }
+        };
+        usize::try_from(window).unwrap_or(usize::MAX)
     }
 
     /// The open batch's id, if one is open.
@@ -740,7 +753,10 @@ impl Lane {
                 self.release_to(seq);
             }
             BatchAnswer::Gap { .. } => self.ending(BatchEnd::Gap),
-            BatchAnswer::Err { seq, failure } => self.refused(seq, failure, now),
+            BatchAnswer::Err { seq, failure } => {
+                self.note_overload(&failure);
+                self.refused(seq, failure, now)
+            }
             BatchAnswer::Committed {
                 stream,
                 stream_seq,
@@ -760,6 +776,7 @@ impl Lane {
                 self.outputs.push_back(LaneOutput::Disabled(rejection));
             }
             BatchAnswer::Refused(failure) => {
+                self.note_overload(&failure);
                 if !reply_to.op.carries_message() {
                     // A commit or ping refused (503: no stream leader): the batch's fate is
                     // unknown. End it at what is confirmed; the same ids go again.
@@ -839,7 +856,7 @@ impl Lane {
 
     /// When an expected answer is overdue (ping, then give up), if one is expected.
     fn answer_deadline(&self, b: &Batch) -> Option<Instant> {
-        let window = u64::from(b.interval) * u64::from(self.config.outstanding_acks);
+        let window = self.batch_window(b);
         let waiting = match b.stage {
             Stage::Starting | Stage::Committing | Stage::Ending(_) => true,
             Stage::Streaming => b.sent >= b.acked + window,
@@ -914,6 +931,7 @@ impl Lane {
             b.acked = upto;
         }
         let mut released = false;
+        let mut released_count = 0;
         while b.base <= upto {
             let Some(e) = self.entries.pop_front() else {
                 break;
@@ -928,9 +946,47 @@ impl Lane {
             });
             b.base += 1;
             released = true;
+            released_count += 1;
         }
         if released {
             self.retries = 0;
+            // Only a batch that met no overload eases it: what the overloaded batch got through
+            // before the 429 says nothing about the queue now.
+            if !b.overloaded {
+                self.overload_eased(released_count);
+            }
+        }
+    }
+
+    /// Events one batch may have unconfirmed: the server's window, or less under overload.
+    fn batch_window(&self, b: &Batch) -> u64 {
+        let full = u64::from(b.interval) * u64::from(self.config.outstanding_acks);
+        self.overload_cap.map_or(full, |cap| cap.min(full))
+    }
+
+    /// A publish was refused for overload (429): once per batch, halve what a batch may have
+    /// unconfirmed, so re-sends do not hit a full ingest queue with a whole window again.
+    fn note_overload(&mut self, failure: &Failure) {
+        if !matches!(failure, Failure::Overloaded { .. }) {
+            return;
+        }
+        let Some(b) = self.batch.as_mut() else { return };
+        if b.overloaded {
+            return;
+        }
+        b.overloaded = true;
+        let full = u64::from(self.config.flow) * u64::from(self.config.outstanding_acks);
+        let current = self.overload_cap.unwrap_or(full);
+        self.overload_cap = Some((current / 2).max(1));
+    }
+
+    /// `n` events were confirmed: the overload cap grows back by as many, and goes away once it
+    /// reaches the largest window a batch can have.
+    fn overload_eased(&mut self, n: u64) {
+        let full = u64::from(self.config.flow) * u64::from(self.config.outstanding_acks);
+        if let Some(cap) = self.overload_cap {
+            let grown = cap.saturating_add(n);
+            self.overload_cap = (grown < full).then_some(grown);
         }
     }
 
@@ -1046,9 +1102,11 @@ impl Lane {
             return self.start_batch(now);
         }
         let flow = self.config.flow;
-        let window = {
+        let (window, capped) = {
             let b = self.batch.as_ref()?;
-            u64::from(b.interval) * u64::from(self.config.outstanding_acks)
+            let full = u64::from(b.interval) * u64::from(self.config.outstanding_acks);
+            let window = self.batch_window(b);
+            (window, window < full)
         };
         let held = self.entries.len() as u64;
         let lingered = self.lingered(now);
@@ -1057,8 +1115,9 @@ impl Lane {
             return None;
         }
         let next = b.sent + 1;
-        if next < b.base + held {
-            if b.sent >= b.acked + window {
+        let full = b.sent >= b.acked + window;
+        if next < b.base + held && !(full && capped) {
+            if full {
                 return None; // wait for a flow ack
             }
             let i = usize::try_from(next - b.base).ok()?;
@@ -1078,11 +1137,12 @@ impl Lane {
                 probe: false,
             });
         }
-        if !lingered {
+        if !lingered && !(full && capped) {
             return None;
         }
-        // Dry: commit what is sent, so it is confirmed now rather than at the next whole ack
-        // interval, and the server holds no idle batch.
+        // Dry, or at the overload cap (below the ack interval, so no flow ack would come): commit
+        // what is sent, so it is confirmed now rather than at the next whole ack interval, and
+        // the server holds no idle batch.
         b.stage = Stage::Committing;
         b.last_tx = now;
         Some(b.control(flow, next, BatchOp::CommitEob))
@@ -1129,6 +1189,7 @@ impl Lane {
             last_rx: now,
             pinged: None,
             reject: None,
+            overloaded: false,
         });
         Some(LaneTransmit {
             payload: Payload::Event(entry.seq),

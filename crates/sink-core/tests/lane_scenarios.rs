@@ -571,3 +571,33 @@ fn a_batch_the_server_dropped_as_idle_is_resumed_after_10208() {
     +5.001s p0 batch 0-2 ended at 2: committed
     "#);
 }
+
+#[test]
+fn overload_halves_what_a_batch_sends_unconfirmed_and_confirmations_grow_it_back() {
+    // Flow 4, two outstanding acks: a window of 8. Publish 3 of the first batch meets a full
+    // ingest queue (429).
+    let mut sim = sim(
+        config(4),
+        1,
+        FastFaults::none().at(3, FastFault::Overloaded),
+    );
+    for _ in 0..40 {
+        sim.push(0, 8).expect("room");
+    }
+    assert_eq!(sim.producer(0).lane().window(), 8);
+    sim.run_for(Duration::from_millis(50));
+    assert_eq!(
+        sim.producer(0).lane().window(),
+        4,
+        "one 429 halves the window\n{}",
+        sim.trace_text()
+    );
+    finish(&mut sim);
+    assert_eq!(stored_ids(&sim).len(), 40);
+    assert_eq!(
+        sim.producer(0).lane().window(),
+        8,
+        "confirmations after the 429 grew it back\n{}",
+        sim.trace_text()
+    );
+}
