@@ -1116,7 +1116,9 @@ impl Lane {
         }
         let next = b.sent + 1;
         let full = b.sent >= b.acked + window;
-        if next < b.base + held && !(full && capped) {
+        // At an overload cap below the ack interval no flow ack would come: commit instead.
+        let commit_at_cap = full && capped;
+        if next < b.base + held && !commit_at_cap {
             if full {
                 return None; // wait for a flow ack
             }
@@ -1137,7 +1139,7 @@ impl Lane {
                 probe: false,
             });
         }
-        if !lingered && !(full && capped) {
+        if !lingered && !commit_at_cap {
             return None;
         }
         // Dry, or at the overload cap (below the ack interval, so no flow ack would come): commit
