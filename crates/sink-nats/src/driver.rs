@@ -652,6 +652,12 @@ impl<T: Transport> Driver<T> {
                 let _ = reply.send(Ok(receipt));
             }
         }
+        // A lane lets go of a confirmed event at once: its queue room is free now, whatever
+        // another lane still holds (the outbox keeps acked entries behind an earlier one, so
+        // there the front rule below applies).
+        if matches!(self.engine, Engine::Lanes(_)) && self.engine.message(seq).is_none() {
+            self.waiters.remove(seq);
+        }
         self.release_settled();
         self.settle_flushes();
     }
