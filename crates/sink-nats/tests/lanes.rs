@@ -287,7 +287,9 @@ async fn a_stream_edited_to_refuse_batches_mid_run_moves_the_sink_to_per_event_a
         .await
         .expect("update");
     assert!(reply.get("error").is_none(), "{reply}");
-    let sent = sending.await.expect("sender");
+    let mut sent = sending.await.expect("sender");
+    // Events sent after the edit certainly meet it (the first run may have ended before).
+    sent.extend(send_all(&sink, "after-edit", 2_000, 1).await);
     assert_all_ok(&sent);
     let health = sink.health();
     assert_eq!(health.mechanism, Mechanism::PerEvent, "{health:?}");
@@ -297,7 +299,7 @@ async fn a_stream_edited_to_refuse_batches_mid_run_moves_the_sink_to_per_event_a
     );
     let report = audit(&server.url(), &sent).await;
     report.assert_passed();
-    assert_eq!(report.stored, 20_000, "{report}");
+    assert_eq!(report.stored, 22_000, "{report}");
     assert!(sink.close(Duration::from_secs(5)).await.complete());
 }
 
@@ -337,7 +339,14 @@ async fn a_stream_edited_to_allow_batches_mid_run_moves_the_sink_to_lanes_on_2_1
         .await
         .expect("update");
     assert!(reply.get("error").is_none(), "{reply}");
-    let sent = sending.await.expect("sender");
+    let mut sent = sending.await.expect("sender");
+    // The next re-verification (every 300 ms here) sees the edit; what is sent after goes
+    // through lanes.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while sink.health().mechanism != Mechanism::FastBatch && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    sent.extend(send_all(&sink, "after-edit", 2_000, 1).await);
     assert_all_ok(&sent);
     let health = sink.health();
     assert_eq!(health.mechanism, Mechanism::FastBatch, "{health:?}");
@@ -351,6 +360,6 @@ async fn a_stream_edited_to_allow_batches_mid_run_moves_the_sink_to_lanes_on_2_1
     );
     let report = audit(&server.url(), &sent).await;
     report.assert_passed();
-    assert_eq!(report.stored, 30_000, "{report}");
+    assert_eq!(report.stored, 32_000, "{report}");
     assert!(sink.close(Duration::from_secs(5)).await.complete());
 }
