@@ -1,4 +1,8 @@
 //! `cargo xtask bench`: release build, a private nats-server with JetStream, `jetsink bench` against it.
+//!
+//! With `--server 2.15` the bench also starts a 3-node 2.15 cluster of its own (through the test
+//! kit, which finds the binary through the variables exported here) for the R3 many-producer rows;
+//! `--no-cluster` skips it. `--system-alloc` builds the binary without mimalloc.
 
 use std::net::{Ipv4Addr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
@@ -24,17 +28,36 @@ enum Line {
 #[derive(Debug)]
 pub struct Options {
     line: Line,
+    /// Build without the `mimalloc` feature: the bench runs on the system allocator, as a service
+    /// embedding `sink-nats` may.
+    system_alloc: bool,
+    /// Skip the 3-node cluster rows `--server 2.15` adds.
+    no_cluster: bool,
     /// Passed to `jetsink bench` unchanged.
     passthrough: Vec<String>,
 }
 
 impl Options {
-    /// Parses the arguments after `bench`: `--server 2.9|2.15`, everything else goes to `jetsink bench`.
+    /// Parses the arguments after `bench`: `--server 2.9|2.15`, `--system-alloc`, `--no-cluster`;
+    /// everything else goes to `jetsink bench`.
     pub fn parse(args: &[String]) -> anyhow::Result<Options> {
         let mut line = Line::V2_9;
+        let mut system_alloc = false;
+        let mut no_cluster = false;
         let mut passthrough = Vec::new();
         let mut it = args.iter();
         while let Some(arg) = it.next() {
+            match arg.as_str() {
+                "--system-alloc" => {
+                    system_alloc = true;
+                    continue;
+                }
+                "--no-cluster" => {
+                    no_cluster = true;
+                    continue;
+                }
+                _ => {}
+            }
             let server = if arg == "--server" {
                 Some(
                     it.next()
@@ -51,7 +74,32 @@ impl Options {
                 None => passthrough.push(arg.clone()),
             }
         }
-        Ok(Options { line, passthrough })
+        Ok(Options {
+            line,
+            system_alloc,
+            no_cluster,
+            passthrough,
+        })
+    }
+
+    /// The arguments for `jetsink bench`: the passthrough, the default outage, and on 2.15 the
+    /// cluster rows (unless `--no-cluster` or an explicit `--cluster`).
+    fn jetsink_args(&self, server_pid: u32) -> Vec<String> {
+        let mut args = self.passthrough.clone();
+        let given = |flag: &str| {
+            args.iter()
+                .any(|a| a == flag || a.starts_with(&format!("{flag}=")))
+        };
+        let outage = !given("--outage-secs");
+        let cluster = self.line == Line::V2_15 && !self.no_cluster && !given("--cluster");
+        if outage {
+            args.extend(["--outage-secs".to_owned(), DEFAULT_OUTAGE_SECS.to_owned()]);
+        }
+        if cluster {
+            args.extend(["--cluster".to_owned(), "2.15".to_owned()]);
+        }
+        args.extend(["--server-pid".to_owned(), server_pid.to_string()]);
+        args
     }
 }
 
@@ -75,15 +123,27 @@ impl Drop for ServerChild {
 pub fn run(sh: &Shell, root: &Path, options: Options) -> anyhow::Result<()> {
     let servers = nats_server::discover(sh, root)?;
     let binary = match options.line {
-        Line::V2_9 => servers.v2_9,
-        Line::V2_15 => servers.v2_15,
+        Line::V2_9 => servers.v2_9.clone(),
+        Line::V2_15 => servers.v2_15.clone(),
     };
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
     // `bench` exists only in a `lab` build: its outage test blackholes the broker with the test
     // kit's fault proxy.
-    cmd!(sh, "{cargo} build --release -p sink-cli --features lab")
-        .run()
-        .map_err(|e| anyhow::anyhow!("release build failed: {e}"))?;
+    let allocator: &[&str] = if options.system_alloc {
+        &["--no-default-features"]
+    } else {
+        &[]
+    };
+    cmd!(
+        sh,
+        "{cargo} build --release -p sink-cli --features lab {allocator...}"
+    )
+    .run()
+    .map_err(|e| anyhow::anyhow!("release build failed: {e}"))?;
+    // The cluster rows start their nodes through the test kit, which looks for these.
+    sh.set_var(crate::demo::SERVER_2_9_ENV, &servers.v2_9);
+    sh.set_var("JETSINK_NATS_SERVER_2_12", &servers.v2_12);
+    sh.set_var(crate::demo::SERVER_2_15_ENV, &servers.v2_15);
 
     let server = start_server(&binary, &root.join("target"))?;
     let url = format!("nats://127.0.0.1:{}", server.port);
@@ -94,14 +154,7 @@ pub fn run(sh: &Shell, root: &Path, options: Options) -> anyhow::Result<()> {
         server.dir.display()
     );
     let jetsink = root.join("target/release/jetsink");
-    let mut args = options.passthrough;
-    if !args
-        .iter()
-        .any(|a| a == "--outage-secs" || a.starts_with("--outage-secs="))
-    {
-        args.extend(["--outage-secs".to_owned(), DEFAULT_OUTAGE_SECS.to_owned()]);
-    }
-    args.extend(["--server-pid".to_owned(), server.child.id().to_string()]);
+    let args = options.jetsink_args(server.child.id());
     let result = cmd!(sh, "{jetsink} --url {url} bench {args...}")
         .env_remove("NATS_URL")
         .run()
@@ -154,5 +207,50 @@ fn free_port() -> anyhow::Result<u16> {
         if port != 4222 {
             return Ok(port);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Options {
+        let args: Vec<String> = args.iter().map(|a| (*a).to_owned()).collect();
+        Options::parse(&args).expect("parses")
+    }
+
+    #[test]
+    fn the_newer_server_adds_the_cluster_rows_unless_told_not_to() {
+        let args = parse(&["--server", "2.15", "--rounds", "1"]).jetsink_args(7);
+        assert_eq!(
+            args,
+            [
+                "--rounds",
+                "1",
+                "--outage-secs",
+                "60",
+                "--cluster",
+                "2.15",
+                "--server-pid",
+                "7"
+            ]
+        );
+        let args = parse(&["--server=2.15", "--no-cluster", "--outage-secs", "0"]).jetsink_args(7);
+        assert_eq!(args, ["--outage-secs", "0", "--server-pid", "7"]);
+        let args = parse(&["--server", "2.15", "--cluster=2.12"]).jetsink_args(7);
+        assert_eq!(
+            args,
+            ["--cluster=2.12", "--outage-secs", "60", "--server-pid", "7"]
+        );
+        let args = parse(&[]).jetsink_args(7);
+        assert_eq!(args, ["--outage-secs", "60", "--server-pid", "7"]);
+    }
+
+    #[test]
+    fn system_alloc_is_taken_by_xtask() {
+        let options = parse(&["--system-alloc", "--only", "producer"]);
+        assert!(options.system_alloc);
+        assert_eq!(options.passthrough, ["--only", "producer"]);
+        assert!(!parse(&[]).system_alloc);
     }
 }

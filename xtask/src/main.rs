@@ -26,10 +26,14 @@ Subcommands:
   demo [ARGS]      start a local nats-server, deliver CloudEvents through a kill -9 and restart
                    of the broker, audit the stream (release build of `jetsink demo` with the
                    `lab` feature; ARGS go to it, e.g. --events 20000 --server 2.15).
-  bench [--server 2.9|2.15] [ARGS]
+  bench [--server 2.9|2.15] [--system-alloc] [--no-cluster] [ARGS]
                    release build (feature `lab`), start a private nats-server (default 2.9)
                    with JetStream on a free port, run `jetsink bench --outage-secs 60` against it
-                   (ARGS go to it, e.g. --events 20000 --outage-secs 5 --json), stop the server.
+                   (ARGS go to it, e.g. --events 20000 --outage-secs 5 --rounds 1 --only producer
+                   --json), stop the server. With --server 2.15 the bench also runs its
+                   many-producer rows on a 3-node 2.15 cluster with an R3 stream (--cluster 2.15;
+                   --no-cluster skips it). --system-alloc builds without mimalloc (the system
+                   allocator, as in a service embedding sink-nats).
 
 Options:
   -h, --help       print this help

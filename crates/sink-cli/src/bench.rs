@@ -1,4 +1,9 @@
 //! `jetsink bench`: fire-and-forget, serial-ack, raw pipelined and jetsink delivery side by side.
+//!
+//! The single-producer table is here; the many-producer rows (single server and a 3-node
+//! cluster), their audits and the low-rate latency are in [`producers`].
+
+mod producers;
 
 use std::future::IntoFuture;
 use std::process::ExitCode;
@@ -11,9 +16,21 @@ use futures::stream::{FuturesUnordered, StreamExt};
 use sink_nats::sink_core::encoding::{self, Encoding};
 use sink_nats::sink_core::event::{CloudEvent, MsgId};
 use sink_nats::{
-    EmitError, OrderingKey, OrderingMode, Pending, SinkBuilder, SinkConfig, StreamPolicy, WhenFull,
+    Batching, EmitError, OrderingKey, OrderingMode, Pending, SinkBuilder, SinkConfig, StreamPolicy,
+    WhenFull,
 };
-use sink_testkit::{FaultProxy, ProxyMode};
+use sink_testkit::{FaultProxy, ProxyMode, ServerVersion};
+
+use self::producers::{Audit, Section};
+
+/// The global allocator this binary was built with; jetsink row labels carry it, because a
+/// service embedding `sink-nats` may not use ours (`cargo xtask bench --system-alloc` builds
+/// without the `mimalloc` feature).
+const ALLOCATOR: &str = if cfg!(feature = "mimalloc") {
+    "mimalloc"
+} else {
+    "system alloc"
+};
 
 /// Tenants the events are spread over (the per-key-serial row orders by tenant).
 const TENANTS: usize = 16;
@@ -52,12 +69,43 @@ pub struct BenchArgs {
     /// Rounds of every row, interleaved; the table shows medians (at least 1).
     #[arg(long, default_value_t = 3)]
     pub rounds: usize,
-    /// Run only the jetsink rows whose name contains this (the reference rows always run).
+    /// Run only the jetsink rows whose name contains this (the reference rows always run):
+    /// `producer` keeps the many-producer rows, `low rate` the latency run.
     #[arg(long)]
     pub only: Option<String>,
     /// Process id of the nats-server when it runs on this machine: adds its CPU use to each row.
     #[arg(long)]
     pub server_pid: Option<u32>,
+    /// Producer counts of the many-producer rows: that many sinks, each with its own connection,
+    /// share `--events` into one stream, against as many fire-and-forget connections; each run is
+    /// read back and audited (0 skips them).
+    #[arg(long, value_delimiter = ',', default_value = "1,4,16")]
+    pub producers: Vec<usize>,
+    /// Also run the many-producer rows and the low-rate latency on a 3-node cluster of this
+    /// nats-server release (2.9, 2.12 or 2.15) with an R3 stream, started here.
+    #[arg(long, value_parser = parse_version)]
+    pub cluster: Option<ServerVersion>,
+    /// Rounds of the cluster rows, interleaved like `--rounds` (default 1: three nodes share this
+    /// machine's cores and a round is long; the table shows medians).
+    #[arg(long, default_value_t = 1)]
+    pub cluster_rounds: usize,
+    /// Events per second of the low-rate latency run (send to receipt, beside the serial ack).
+    #[arg(long, default_value_t = 100)]
+    pub low_rate: u32,
+    /// Seconds of the low-rate latency run (0 skips it).
+    #[arg(long, default_value_t = 5)]
+    pub low_rate_secs: u64,
+}
+
+fn parse_version(s: &str) -> Result<ServerVersion, String> {
+    match s {
+        "2.9" | "2.9.10" => Ok(ServerVersion::V2_9),
+        "2.12" | "2.12.8" => Ok(ServerVersion::V2_12),
+        "2.15" | "2.15.1" => Ok(ServerVersion::V2_15),
+        other => Err(format!(
+            "unknown server version `{other}`; use 2.9, 2.12 or 2.15"
+        )),
+    }
 }
 
 /// One measured row.
@@ -68,6 +116,9 @@ struct Row {
     secs: f64,
     /// Whether the row is a jetsink mode (gets the ratio to serial).
     jetsink: bool,
+    /// Index in its round of the row its "vs ref" ratio divides by (0, the reference, in the
+    /// single-producer table; the reference with as many connections in a many-producer table).
+    base: usize,
     /// Seconds until the last publish (or `send`) returned; the rest is waiting for acks.
     /// Close to `secs` means the caller side is the limit, well below it the broker/ack path.
     submit_secs: f64,
@@ -78,6 +129,11 @@ struct Row {
     vs_ref: Option<Spread>,
     /// The same against the serial-ack row (jetsink rows only).
     vs_serial: Option<Spread>,
+    /// Many-producer rows: what reading the stream back found (a failure in any round wins).
+    audit: Option<Audit>,
+    /// Many-producer rows: the delivery mechanism the producers' sinks ran, counted; a reference
+    /// row's note (what the broker dropped).
+    mechanism: Option<String>,
 }
 
 /// A median and its range over the rounds.
@@ -192,13 +248,16 @@ fn summarize(rounds: &[Vec<Row>]) -> Vec<Row> {
         .map(|i| {
             let mut of_row: Vec<&Row> = rounds.iter().map(|r| &r[i]).collect();
             let ratios = |base: usize| -> Option<Spread> {
+                if base >= first.len() {
+                    return None;
+                }
                 let mut v: Vec<f64> = rounds
                     .iter()
                     .map(|r| r[i].rate() / r[base].rate().max(1e-9))
                     .collect();
                 Spread::of(&mut v)
             };
-            let vs_ref = ratios(0);
+            let vs_ref = ratios(first[i].base);
             let vs_serial = if of_row[0].jetsink {
                 serial_at.and_then(ratios)
             } else {
@@ -208,6 +267,14 @@ fn summarize(rounds: &[Vec<Row>]) -> Vec<Row> {
             let mut row = of_row[(of_row.len() - 1) / 2].clone();
             row.vs_ref = vs_ref;
             row.vs_serial = vs_serial;
+            row.audit = Audit::worst(rounds.iter().filter_map(|r| r[i].audit.clone()));
+            let mut mechanisms: Vec<String> = Vec::new();
+            for m in rounds.iter().filter_map(|r| r[i].mechanism.clone()) {
+                if !mechanisms.contains(&m) {
+                    mechanisms.push(m);
+                }
+            }
+            row.mechanism = (!mechanisms.is_empty()).then(|| mechanisms.join(" / "));
             row
         })
         .collect()
@@ -233,10 +300,13 @@ impl Row {
             events,
             secs,
             jetsink,
+            base: 0,
             submit_secs,
             cpu,
             vs_ref: None,
             vs_serial: None,
+            audit: None,
+            mechanism: None,
         }
     }
 
@@ -296,8 +366,15 @@ struct Bench {
     base: SinkConfig,
     prefix: String,
     round: u64,
-    /// The server's process id, when it runs on this machine (for its CPU column).
-    server_pid: Option<u32>,
+    /// The servers' process ids, when they run on this machine (for the CPU column).
+    server_pids: Vec<u32>,
+    /// Client URLs of the servers; producer `p` of a many-producer row connects to `p % len`.
+    urls: Vec<String>,
+    /// Replicas of every stream the bench creates (3 on the cluster).
+    replicas: usize,
+    /// The server takes fast-batch publishes (2.14+): the streams of the many-producer and
+    /// low-rate rows get `allow_batched`, so a sink there may run lanes.
+    batched: bool,
 }
 
 /// Runs the benchmark and prints one table (or JSON).
@@ -318,13 +395,18 @@ pub async fn run(args: BenchArgs, common: &crate::config::Common) -> anyhow::Res
         .await
         .context("connecting to the server")?;
     let js = jetstream::new(client.clone());
+    let batched = producers::takes_fast_batch(&client);
+    let urls = base.servers.clone();
     let mut bench = Bench {
         client,
         js,
         base,
         prefix,
         round: 0,
-        server_pid: args.server_pid,
+        server_pids: args.server_pid.into_iter().collect(),
+        urls,
+        replicas: 1,
+        batched,
     };
     let progress = |s: &str| {
         if !args.json {
@@ -361,6 +443,7 @@ pub async fn run(args: BenchArgs, common: &crate::config::Common) -> anyhow::Res
     // row reports its median round, and its ratio is the median of the per-round ratios.
     let mut rounds: Vec<Vec<Row>> = Vec::new();
     let mut latencies = Vec::new();
+    let mut serial_nanos = Vec::new();
     for round in 1..=args.rounds {
         let mut rows = Vec::with_capacity(specs.len());
         for spec in &specs {
@@ -376,7 +459,11 @@ pub async fn run(args: BenchArgs, common: &crate::config::Common) -> anyhow::Res
             let row = match spec {
                 RowSpec::Reference => bench.fire_and_forget(events, true).await?,
                 RowSpec::NoReply => bench.fire_and_forget(events, false).await?,
-                RowSpec::Serial => bench.serial(events).await?,
+                RowSpec::Serial => {
+                    let (row, nanos) = bench.serial(events).await?;
+                    serial_nanos.extend(nanos);
+                    row
+                }
                 RowSpec::Raw => bench.raw_pipelined(events).await?,
                 RowSpec::Jetsink {
                     name,
@@ -398,21 +485,75 @@ pub async fn run(args: BenchArgs, common: &crate::config::Common) -> anyhow::Res
     }
     let rows = summarize(&rounds);
     let latency = median_latency(&mut latencies);
+    let serial_rtt = percentiles(&mut serial_nanos);
+
+    let mut sections: Vec<Section> = Vec::new();
+    let title = format!(
+        "{} producers into one stream, nats-server {} (single node, R1), {} round(s)",
+        args.producers
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join("/"),
+        bench.client.server_info().version,
+        args.rounds
+    );
+    let mut single = producers::section(&mut bench, &args, args.rounds, title, &progress).await?;
+    single.low_rate = producers::low_rate(
+        &mut bench,
+        &args,
+        serial_rtt,
+        "serial-ack rows of this run",
+        &progress,
+    )
+    .await?;
+    sections.push(single);
+    // A cluster that cannot be started or fails mid-way must not cost the rows measured so far.
+    let mut cluster_error = None;
+    if let Some(version) = args.cluster {
+        match producers::cluster(&bench, &args, version, &progress).await {
+            Ok(section) => sections.push(section),
+            Err(e) => cluster_error = Some(format!("{e:#}")),
+        }
+    }
 
     if args.json {
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&to_json(&rows, latency, memory.as_ref()))?
-        );
+        let mut json = to_json(&rows, latency, memory.as_ref());
+        json["allocator"] = ALLOCATOR.into();
+        json["sections"] = sections.iter().map(Section::to_json).collect();
+        json["cluster_error"] = cluster_error.clone().into();
+        println!("{}", serde_json::to_string_pretty(&json)?);
     } else {
         print_table(&rows, latency, memory.as_ref());
+        for section in &sections {
+            section.print();
+        }
+        if let Some(e) = &cluster_error {
+            println!("\ncluster rows FAILED: {e}");
+        }
     }
-    Ok(ExitCode::SUCCESS)
+    let failed: Vec<&str> = sections.iter().flat_map(Section::failed_rows).collect();
+    if !failed.is_empty() {
+        eprintln!(
+            "bench: AUDIT FAILED for {}: events lost, duplicated or out of order (see above)",
+            failed.join(", ")
+        );
+    }
+    if let Some(e) = &cluster_error {
+        eprintln!("bench: FAILED: the cluster rows: {e}");
+    }
+    if failed.is_empty() && cluster_error.is_none() {
+        Ok(ExitCode::SUCCESS)
+    } else {
+        Ok(ExitCode::from(1))
+    }
 }
 
 impl Bench {
-    /// A fresh file-storage stream for one round; returns its name and subject prefix.
-    async fn fresh_stream(&mut self, row: &str) -> anyhow::Result<(String, String)> {
+    /// A fresh file-storage stream for one round, with [`Bench::replicas`] replicas and, when
+    /// `batched` and the server takes fast-batch publishes, `allow_batched`; returns its name and
+    /// subject prefix.
+    async fn fresh_stream(&mut self, row: &str, batched: bool) -> anyhow::Result<(String, String)> {
         self.round += 1;
         let name = format!(
             "{}_{}_{}",
@@ -425,8 +566,8 @@ impl Bench {
         let mut config = sink_nats::new_stream_config(&name, vec![format!("{subject}.>")]);
         config.storage = StorageType::File;
         config.max_age = Duration::ZERO;
-        self.js
-            .create_stream(config)
+        config.num_replicas = self.replicas;
+        producers::create_stream(&self.js, config, batched && self.batched)
             .await
             .with_context(|| format!("creating stream {name}"))?;
         Ok((name, subject))
@@ -442,10 +583,10 @@ impl Bench {
     /// all. Not a target, shown to tell what the acks themselves cost the server and the client.
     async fn fire_and_forget(&mut self, n: usize, reply: bool) -> anyhow::Result<Row> {
         let (stream, subject) = self
-            .fresh_stream(if reply { "ref" } else { "noreply" })
+            .fresh_stream(if reply { "ref" } else { "noreply" }, false)
             .await?;
         let batch = Batch::new(n, self.round);
-        let cpu = Cpu::start(self.server_pid);
+        let cpu = Cpu::start(&self.server_pids);
         let start = Instant::now();
         for event in &batch.events {
             let (subj, headers, w) = wire(event, &subject)?;
@@ -495,40 +636,39 @@ impl Bench {
         }
     }
 
-    /// (b) JetStream publish, each ack awaited before the next publish.
-    async fn serial(&mut self, n: usize) -> anyhow::Result<Row> {
-        let (stream, subject) = self.fresh_stream("serial").await?;
+    /// (b) JetStream publish, each ack awaited before the next publish. Also returns each
+    /// publish's round trip (publish to ack) in nanoseconds: what the low-rate latency of the sink
+    /// is held against.
+    async fn serial(&mut self, n: usize) -> anyhow::Result<(Row, Vec<u64>)> {
+        let (stream, subject) = self.fresh_stream("serial", false).await?;
         let batch = Batch::new(n, self.round);
-        let cpu = Cpu::start(self.server_pid);
+        let mut nanos = Vec::with_capacity(n);
+        let cpu = Cpu::start(&self.server_pids);
         let start = Instant::now();
         for event in &batch.events {
             let (subj, headers, w) = wire(event, &subject)?;
+            let t = Instant::now();
             self.js
                 .publish_with_headers(subj, headers, w.body)
                 .await
                 .context("publish")?
                 .await
                 .context("ack")?;
+            nanos.push(t.elapsed().as_nanos() as u64);
         }
         let secs = start.elapsed().as_secs_f64();
         let cpu = cpu.stop();
         let submit_secs = secs;
         self.drop_stream(&stream).await;
-        Ok(Row::new(
-            RowSpec::Serial.name(),
-            n,
-            secs,
-            submit_secs,
-            cpu,
-            false,
-        ))
+        let row = Row::new(RowSpec::Serial.name(), n, secs, submit_secs, cpu, false);
+        Ok((row, nanos))
     }
 
     /// (c) async-nats ack futures, at most `RAW_WINDOW` outstanding, all awaited.
     async fn raw_pipelined(&mut self, n: usize) -> anyhow::Result<Row> {
-        let (stream, subject) = self.fresh_stream("raw").await?;
+        let (stream, subject) = self.fresh_stream("raw", false).await?;
         let batch = Batch::new(n, self.round);
-        let cpu = Cpu::start(self.server_pid);
+        let cpu = Cpu::start(&self.server_pids);
         let start = Instant::now();
         let mut acks: FuturesUnordered<
             <jetstream::context::PublishAckFuture as IntoFuture>::IntoFuture,
@@ -565,6 +705,8 @@ impl Bench {
     }
 
     /// (d-f) The sink in one mode; every event's receipt awaited. Measures `send` when asked.
+    /// Per-event acks (`Batching::Off`, and the stream does not allow fast batches): the mode
+    /// named is the mode measured.
     async fn jetsink(
         &mut self,
         name: &str,
@@ -574,7 +716,7 @@ impl Bench {
         window: usize,
         measure_send: bool,
     ) -> anyhow::Result<(Row, Option<Latency>)> {
-        let (stream, subject) = self.fresh_stream("sink").await?;
+        let (stream, subject) = self.fresh_stream("sink", false).await?;
         let mut config = self.base.clone();
         config.stream = stream.clone();
         config.subject_template = format!("{subject}.{{tenantId}}");
@@ -582,6 +724,9 @@ impl Bench {
         config.retention_floor = Duration::ZERO;
         config.ordering = mode;
         config.ordering_key = key;
+        // These rows measure the named ordering mode with per-event acks (lanes are the
+        // many-producer rows' business); their streams do not allow batches either.
+        config.batching = Batching::Off;
         config.window = window;
         // Room for the whole round so `send` measures enqueueing, not waiting for the broker.
         config.max_events = n.max(window);
@@ -596,7 +741,7 @@ impl Bench {
         let batch = Batch::new(n, self.round);
         let mut pendings: Vec<Pending> = Vec::with_capacity(n);
         let mut nanos: Vec<u64> = Vec::with_capacity(if measure_send { n } else { 0 });
-        let cpu = Cpu::start(self.server_pid);
+        let cpu = Cpu::start(&self.server_pids);
         let start = Instant::now();
         for event in batch.events {
             if measure_send {
@@ -627,6 +772,7 @@ impl Bench {
             "{name}: events left undelivered at close"
         );
         let latency = measure_send.then(|| percentiles(&mut nanos));
+        let name = format!("{name} [{ALLOCATOR}]");
         Ok((Row::new(name, n, secs, submit_secs, cpu, true), latency))
     }
 
@@ -637,7 +783,7 @@ impl Bench {
         let proxy = FaultProxy::start(upstream.as_str())
             .await
             .context("starting the fault proxy")?;
-        let (stream, subject) = self.fresh_stream("outage").await?;
+        let (stream, subject) = self.fresh_stream("outage", false).await?;
         let mut config = self.base.clone();
         config.servers = vec![proxy.url()];
         config.stream = stream.clone();
@@ -740,17 +886,17 @@ struct CpuUse {
 
 /// A CPU measurement in progress.
 struct Cpu {
-    server_pid: Option<u32>,
+    server_pids: Vec<u32>,
     client: Option<f64>,
     server: Option<f64>,
 }
 
 impl Cpu {
-    fn start(server_pid: Option<u32>) -> Cpu {
+    fn start(server_pids: &[u32]) -> Cpu {
         Cpu {
-            server_pid,
+            server_pids: server_pids.to_vec(),
             client: cpu_secs("self"),
-            server: server_pid.and_then(|p| cpu_secs(&p.to_string())),
+            server: servers_cpu_secs(server_pids),
         }
     }
 
@@ -758,11 +904,17 @@ impl Cpu {
         let since = |before: Option<f64>, now: Option<f64>| Some(now? - before?);
         CpuUse {
             client: since(self.client, cpu_secs("self")).unwrap_or(0.0),
-            server: self
-                .server_pid
-                .and_then(|p| since(self.server, cpu_secs(&p.to_string()))),
+            server: since(self.server, servers_cpu_secs(&self.server_pids)),
         }
     }
+}
+
+/// CPU seconds of all `pids` together (a cluster's nodes); `None` without pids or if one is gone.
+fn servers_cpu_secs(pids: &[u32]) -> Option<f64> {
+    if pids.is_empty() {
+        return None;
+    }
+    pids.iter().map(|p| cpu_secs(&p.to_string())).sum()
 }
 
 /// User + system CPU seconds of `/proc/<pid>` (clock ticks of 1/100 s, Linux's fixed `USER_HZ`).
@@ -883,7 +1035,9 @@ fn print_table(rows: &[Row], latency: Option<Latency>, memory: Option<&Memory>) 
             r.cpu.server.map_or_else(|| "-".into(), per_event)
         );
     }
-    println!("targets: jetsink >= 0.90x reference, >= 8x serial");
+    println!(
+        "targets: jetsink >= 0.90x reference, >= 8x serial; allocator of this build: {ALLOCATOR}"
+    );
     println!("each row is its median round; ratios are medians of per-round ratios (same round, same server)");
     println!("submit %: share of the row's time until the last publish/send returned (the rest waits for acks)");
     println!("cpu / srv us/ev: CPU time of this process / of the server per event during the row (10 ms ticks)");

@@ -31,7 +31,9 @@ use crate::config::Common;
 /// freed on the driver's or the client's; glibc malloc serialises such frees on the allocating
 /// thread's arena lock, which `jetsink bench` measured at about 40% of this process's CPU and at
 /// send p99 ~35 us. Services embedding `sink-nats` choose their own allocator; the README says
-/// what this one changes.
+/// what this one changes; without the default `mimalloc` feature the binary keeps the system
+/// allocator (`cargo xtask bench --system-alloc` measures that).
+#[cfg(feature = "mimalloc")]
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
