@@ -1,14 +1,16 @@
 //! Fast-batch lanes on real servers (issue #11): chosen where the server and stream allow them, in
 //! order per producer with several producers on one stream, through kill -9, idle past the
-//! server's batch timeout, re-emits, and a stream edited to refuse batches mid-run.
+//! server's batch timeout, re-emits, ingest overload (429), and a stream edited to refuse batches
+//! mid-run.
 
 mod common;
 
 use std::time::{Duration, Instant};
 
 use common::*;
+use futures::{FutureExt, StreamExt};
 use sink_nats::{Batching, JetStreamSink, Mechanism, OrderingKey, SinkBuilder};
-use sink_testkit::{read_stream, Expected, ServerVersion};
+use sink_testkit::{read_stream, Expected, NatsServer, ServerOptions, ServerVersion};
 
 /// Producers on separate connections, each sending its own run of events concurrently.
 struct Producers {
@@ -362,4 +364,180 @@ async fn a_stream_edited_to_allow_batches_mid_run_moves_the_sink_to_lanes_on_2_1
     report.assert_passed();
     assert_eq!(report.stored, 32_000, "{report}");
     assert!(sink.close(Duration::from_secs(5)).await.complete());
+}
+
+// ---------------------------------------------------------------------------------------------
+// Ingest overload (429)
+
+/// Inbound publishes the stream may queue before the server drops the next and answers it 429
+/// (as in `faults_server.rs` F12 and `lanes_cluster.rs`): four lanes pipelining their flow
+/// windows overflow it at once.
+const MAX_BUFFERED_MSGS: u64 = 8;
+
+/// Events each producer sends under overload.
+const EVENTS_OVERLOADED: usize = 2_500;
+
+/// Whether `msg` is a 429 reply to a fast-batch publish (status 429, or the JSON error 10167).
+fn is_lane_429(msg: &async_nats::Message) -> bool {
+    msg.subject.ends_with(".$FI")
+        && (msg.status.map(|s| s.as_u16()) == Some(429)
+            || serde_json::from_slice::<serde_json::Value>(&msg.payload)
+                .is_ok_and(|v| v["error"]["code"] == 429 || v["error"]["err_code"] == 10167))
+}
+
+/// Fast-batch traffic seen by [`observe_lanes`].
+#[derive(Debug, Default)]
+struct LaneTraffic {
+    /// Event publishes with a fast-batch reply subject (first sends and re-sends).
+    publishes: usize,
+    /// Replies on fast-batch reply subjects.
+    replies: usize,
+    /// 429s among them.
+    too_many: usize,
+    /// The first 429: subject, status, body.
+    sample: Option<String>,
+}
+
+impl LaneTraffic {
+    fn count(&mut self, msg: &async_nats::Message) {
+        let to_lane = msg.reply.as_deref().is_some_and(|r| r.ends_with(".$FI"));
+        self.publishes += usize::from(msg.subject.starts_with("t.events.") && to_lane);
+        self.replies += usize::from(msg.subject.ends_with(".$FI"));
+        if is_lane_429(msg) {
+            self.too_many += 1;
+            self.sample.get_or_insert_with(|| {
+                format!(
+                    "{} status {:?} {:?}",
+                    msg.subject,
+                    msg.status,
+                    String::from_utf8_lossy(&msg.payload)
+                )
+            });
+        }
+    }
+}
+
+/// Subscribes to everything on `server` and counts fast-batch publishes and replies until the
+/// returned sender fires.
+async fn observe_lanes(
+    server: &NatsServer,
+) -> (
+    tokio::sync::oneshot::Sender<()>,
+    tokio::task::JoinHandle<LaneTraffic>,
+) {
+    let client = server
+        .connect_options()
+        .subscription_capacity(1 << 20)
+        .connect(server.url())
+        .await
+        .expect("observer connect");
+    let mut all = client.subscribe(">").await.expect("subscribe to >");
+    client.flush().await.expect("the subscription is in place");
+    let (stop_tx, mut stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(async move {
+        let mut seen = LaneTraffic::default();
+        loop {
+            tokio::select! {
+                msg = all.next() => match msg {
+                    Some(msg) => seen.count(&msg),
+                    None => break,
+                },
+                _ = &mut stop_rx => {
+                    // Everything the server sent before the flush's PONG is in the channel now.
+                    let _ = client.flush().await;
+                    while let Some(Some(msg)) = all.next().now_or_never() {
+                        seen.count(&msg);
+                    }
+                    break;
+                }
+            }
+        }
+        seen
+    });
+    (stop_tx, task)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn four_producers_through_ingest_overload_429_lose_nothing_on_2_15() {
+    let server = NatsServer::start(ServerOptions {
+        jetstream_max_buffered_msgs: Some(MAX_BUFFERED_MSGS),
+        ..ServerOptions::version(ServerVersion::V2_15)
+    })
+    .await
+    .expect("start");
+    let (stop_observer, observer) = observe_lanes(&server).await;
+    let mut producers = Producers::start(&server.url(), 4, EVENTS_OVERLOADED, "o", |b| {
+        b.reconnect(fast_reconnect())
+    })
+    .await;
+    let started = Instant::now();
+    let runs = producers.finish().await;
+    let flood = started.elapsed();
+    stop_observer.send(()).expect("observer still running");
+    let traffic = observer.await.expect("observer task");
+    assert!(
+        traffic.too_many > 0,
+        "no 429 among the replies to fast-batch publishes: lower max_buffered_msgs; {traffic:?}"
+    );
+    assert!(
+        server
+            .log_tail(2000)
+            .contains("Dropping messages due to excessive stream ingest rate"),
+        "the server logs the drops: {}",
+        server.log_tail(20)
+    );
+    for (run, sent) in &runs {
+        let unbatched = sent
+            .iter()
+            .filter(|s| s.outcome.as_ref().is_ok_and(|r| r.batch.is_none()))
+            .count();
+        assert_eq!(
+            unbatched, 0,
+            "producer {run}: every receipt names its batch"
+        );
+    }
+    for sink in &producers.sinks {
+        let health = sink.health();
+        assert_eq!(
+            health.mechanism,
+            Mechanism::FastBatch,
+            "a 429 is no reason to leave the lane: {health:?}"
+        );
+    }
+    let events = runs.len() * EVENTS_OVERLOADED;
+    let batches: Vec<usize> = runs
+        .iter()
+        .map(|(_, sent)| {
+            let mut ids: Vec<&str> = sent
+                .iter()
+                .filter_map(|s| Some(s.outcome.as_ref().ok()?.batch.as_ref()?.id.as_str()))
+                .collect();
+            ids.sort_unstable();
+            ids.dedup();
+            ids.len()
+        })
+        .collect();
+    eprintln!(
+        "overload: flood took {flood:?}; {} publishes for {events} events ({:.2} per event), {} \
+         replies, {} of them 429; batches per producer {batches:?}; first 429: {}",
+        traffic.publishes,
+        traffic.publishes as f64 / events as f64,
+        traffic.replies,
+        traffic.too_many,
+        traffic.sample.as_deref().unwrap_or("-")
+    );
+    // Every event went out at least once, and lanes back off: a batch that meets a 429 halves
+    // what later batches send unconfirmed, so re-sends do not multiply the load.
+    assert!(
+        traffic.publishes >= events,
+        "the observer saw every event published: {traffic:?}"
+    );
+    assert!(
+        traffic.publishes <= 4 * events,
+        "re-sends under overload multiply the load: {traffic:?}"
+    );
+    let report = audit_producers(&server.url(), &runs).await;
+    report.assert_passed();
+    assert_eq!(report.stored, events, "{report}");
+    producers.close().await;
 }

@@ -1,16 +1,19 @@
 //! Fast-batch lanes under faults (issue #11): 4 producers flooding one R3 stream on a 3-node
 //! nats-server 2.15.1 cluster through a stream-leader step-down, kill -9 of the node one producer
-//! is connected to, kill -9 of the whole cluster, and ingest overload (429); each audited for
+//! is connected to, kill -9 of the whole cluster, lanes idle past the server's batch timeout and
+//! then re-emitting earlier events among new ones, and ingest overload (429); each audited for
 //! every event stored once and each producer's events in its own send order.
 
 mod common;
 
+use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::*;
 use futures::StreamExt;
+use sink_core::event::{CloudEvent, MsgId};
 use sink_nats::{JetStreamSink, Mechanism, StreamPolicy, WhenFull};
 use sink_testkit::{Cluster, Expected, ServerOptions, ServerVersion};
 use tokio::sync::{Semaphore, SemaphorePermit};
@@ -130,13 +133,24 @@ async fn connect_producer(p: usize, url: &str) -> JetStreamSink {
 }
 
 /// Connects one producer per URL (see [`connect_producer`]), then starts them all at once, each
-/// sending `events` events. Each task counts the sends made after `fault` was raised, and returns
-/// every outcome in send order.
+/// sending `events` events (see [`spawn_producers`]).
 async fn start_producers(urls: &[String], fault: &Arc<AtomicBool>, events: usize) -> Vec<Producer> {
     let mut sinks = Vec::with_capacity(urls.len());
     for (p, url) in urls.iter().enumerate() {
         sinks.push(connect_producer(p, url).await);
     }
+    spawn_producers(sinks, fault, events, |run, i| event(run, i, 3))
+}
+
+/// Starts each sink sending `events` events, event `i` of producer `p` being `make("p{p}", i)`.
+/// Each task counts the sends made after `fault` was raised, and returns every outcome in send
+/// order.
+fn spawn_producers(
+    sinks: Vec<JetStreamSink>,
+    fault: &Arc<AtomicBool>,
+    events: usize,
+    make: fn(&str, usize) -> CloudEvent,
+) -> Vec<Producer> {
     let mut producers = Vec::with_capacity(sinks.len());
     for (p, sink) in sinks.into_iter().enumerate() {
         let run = format!("p{p}");
@@ -152,7 +166,7 @@ async fn start_producers(urls: &[String], fault: &Arc<AtomicBool>, events: usize
                 let mut pending = Vec::with_capacity(events);
                 let mut after_fault = 0;
                 for i in 0..events {
-                    let e = event(&run, i, 3);
+                    let e = make(&run, i);
                     let p = sink.send(e.clone()).await.expect("accepted");
                     pending.push((e, p));
                     accepted.store(i + 1, Ordering::SeqCst);
@@ -298,11 +312,17 @@ async fn audit_cluster_producers(
     }
 }
 
-/// Audits, checks the count, logs what happened, and closes every sink.
+/// Audits, checks the count (each distinct event once: a re-emit is no new event), logs what
+/// happened, and closes every sink.
 async fn audit_and_close(cluster: &Cluster, finished: Finished, what: &str, started: Instant) {
     let report = audit_cluster_producers(cluster, &finished.runs).await;
     report.assert_passed();
-    let total: usize = finished.runs.iter().map(|(_, sent)| sent.len()).sum();
+    let distinct: HashSet<MsgId> = finished
+        .runs
+        .iter()
+        .flat_map(|(_, sent)| sent.iter().map(|s| MsgId::for_event(&s.event)))
+        .collect();
+    let total = distinct.len();
     assert_eq!(report.stored, total, "{report}");
     eprintln!(
         "{what}: all {} events stored once, in order per producer, {:?} after the flood began; \
@@ -499,6 +519,99 @@ async fn four_lane_producers_through_kill_9_of_the_whole_cluster_on_2_15() {
     );
     let finished = finish(producers).await;
     audit_and_close(&cluster, finished, "cluster kill", started).await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// A lane idle past the batch timeout, then re-emits
+
+/// Events each producer sends before the pause, and again after it.
+const IDLE_RUN: usize = 2_000;
+
+/// Longer than the server's fast-batch timeout (10 s, silent): a batch left open over the pause
+/// is gone on the server when the producers send again.
+const IDLE: Duration = Duration::from_secs(12);
+
+/// Event `i` a producer sends after the pause: even `i` re-emit the second half of its first run
+/// in their first order (same source and id, so the same `Nats-Msg-Id`, well within the stream's
+/// 2-minute duplicate window), odd `i` are new events.
+fn after_the_pause(run: &str, i: usize) -> CloudEvent {
+    if i.is_multiple_of(2) {
+        event(run, IDLE_RUN / 2 + i / 2, 3)
+    } else {
+        event(run, IDLE_RUN + i / 2, 3)
+    }
+}
+
+/// The batch ids that confirmed `sent`, without repeats.
+fn batch_ids(sent: &[Sent]) -> HashSet<String> {
+    sent.iter()
+        .filter_map(|s| s.outcome.as_ref().ok()?.batch.as_ref())
+        .map(|b| b.id.clone())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn four_lane_producers_idle_past_the_batch_timeout_then_re_emit_on_a_2_15_cluster() {
+    let _one = exclusive().await;
+    let cluster = Cluster::start(ServerVersion::V2_15)
+        .await
+        .expect("start cluster");
+    create_r3_batched_stream(&cluster).await;
+    let urls = cluster.urls().join(",");
+    // The "fault" is the pause between two runs, not something striking mid-flood: every send
+    // counts as after it.
+    let fault = Arc::new(AtomicBool::new(true));
+    let producers = start_producers(&vec![urls; PRODUCERS], &fault, IDLE_RUN).await;
+    let started = Instant::now();
+    let before = finish(producers).await;
+    for sink in &before.sinks {
+        let health = sink.health();
+        assert_eq!(
+            (health.queued, health.in_flight),
+            (0, 0),
+            "every event of the first run is confirmed before the pause: {health:?}"
+        );
+    }
+    let first_run = started.elapsed();
+    tokio::time::sleep(IDLE).await;
+    let resumed = Instant::now();
+    let after = finish(spawn_producers(
+        before.sinks,
+        &fault,
+        IDLE_RUN,
+        after_the_pause,
+    ))
+    .await;
+    let second_run = resumed.elapsed();
+    // Batches that confirmed events on both sides of the pause: a lane that kept its batch
+    // alive over it (pings) rather than ending it; either is fine, the log says which.
+    let kept: Vec<usize> = before
+        .runs
+        .iter()
+        .zip(&after.runs)
+        .map(|((_, first), (_, second))| batch_ids(first).intersection(&batch_ids(second)).count())
+        .collect();
+    eprintln!(
+        "idle + re-emit: first run {first_run:?}, pause {IDLE:?}, second run {second_run:?} \
+         ({} re-emits and {} new events per producer); batches per producer before {:?}, after \
+         {:?}, confirming on both sides of the pause {kept:?}",
+        IDLE_RUN.div_ceil(2),
+        IDLE_RUN / 2,
+        before.batches,
+        after.batches,
+    );
+    let mut runs = before.runs;
+    for ((run, first), (again, second)) in runs.iter_mut().zip(after.runs) {
+        assert_eq!(*run, again, "the same producers, in the same order");
+        first.extend(second);
+    }
+    let finished = Finished {
+        runs,
+        after_fault: after.after_fault,
+        batches: after.batches,
+        sinks: after.sinks,
+    };
+    audit_and_close(&cluster, finished, "idle + re-emit", started).await;
 }
 
 // ---------------------------------------------------------------------------------------------
