@@ -1,6 +1,7 @@
 //! Sans-IO core of jetsink: CloudEvent model and wire encodings, subject templates, backoff, breaker,
 //! the ordered delivery (outbox) machine, the fast-batch lane machine ([`lane`], nats-server 2.14+)
-//! and its wire vocabulary ([`fastbatch`]), stream-requirement checks and the stream audit's verdicts.
+//! and its wire vocabulary ([`fastbatch`]), the durable local spool's decisions ([`spool`]),
+//! stream-requirement checks and the stream audit's verdicts.
 //!
 //! No async, no clock, no sockets, no files: time comes in as `now: Instant` (last argument), wall
 //! time as explicit unix milliseconds, randomness as a seed. Any broker adapter drives the machines
@@ -75,6 +76,7 @@ pub mod event;
 pub mod fastbatch;
 pub mod lane;
 pub mod outbox;
+pub mod spool;
 pub mod stream;
 pub mod subject;
 
