@@ -1,4 +1,5 @@
-//! Test kit for jetsink: virtual time, a scripted sans-IO broker, proptest strategies, and (IO half)
+//! Test kit for jetsink: virtual time, a scripted sans-IO broker, a simulated disk for the spool
+//! ([`simdisk`]), proptest strategies, and (IO half)
 //! a real nats-server harness and a loopback fault proxy. Only ever a dev-dependency, or behind
 //! sink-cli's `lab` feature (`jetsink demo`, `jetsink bench`).
 
@@ -21,6 +22,7 @@ pub mod clock;
 pub mod fastbroker;
 pub mod lanesim;
 pub mod sim;
+pub mod simdisk;
 pub mod strategies;
 pub use broker::{
     AppliedFault, BrokerConfig, Fault, FaultScript, PublishRequest, RandomFaults, Reply,
@@ -28,3 +30,4 @@ pub use broker::{
 };
 pub use clock::FakeClock;
 pub use sim::{Outcome, PushedEvent, Sim, SimStats, Step};
+pub use simdisk::{Corruption, CrashModel, DiskOp, SimDisk};

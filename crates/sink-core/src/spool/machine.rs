@@ -147,6 +147,14 @@ pub enum IoCommand {
         /// The chunks, in file order.
         writes: Vec<SegmentWrite>,
     },
+    /// fdatasync each listed segment, then fsync the directory. Issued once when a recovered
+    /// spool opens: after a process crash (no power loss) recovery reads records that were
+    /// only in the page cache, and they are durable only once this completes
+    /// ([`SpoolOutput::Durable`] follows).
+    Sync {
+        /// The live segments.
+        segments: Vec<SegmentId>,
+    },
     /// Truncate a torn tail: write `len` zero bytes at `offset` and fdatasync. Appends continue
     /// from `offset`.
     Zero {
@@ -474,8 +482,9 @@ impl Spool {
             staged: Vec::new(),
             staged_from: None,
             committing: false,
-            // What recovery read is on disk, and a recovered disk is all durable.
-            durable_through: next_seq - 1,
+            // What recovery read may have been in the page cache only: durable once the
+            // opening sync completes.
+            durable_through: state.acked_through,
             commands: VecDeque::new(),
             issued: HashMap::new(),
             next_io: 0,
@@ -494,6 +503,20 @@ impl Spool {
         spool.acked_above.advance(&mut spool.acked_through);
         for repair in state.repairs {
             spool.issue(repair, Issued::Repair);
+        }
+        spool.durable_through = spool.acked_through;
+        if !spool.live.is_empty() {
+            let segments = spool.live.iter().map(|s| s.id).collect();
+            spool.committing = true;
+            spool.issue(
+                IoCommand::Sync { segments },
+                Issued::Commit {
+                    from: spool.durable_through + 1,
+                    through: next_seq - 1,
+                },
+            );
+        } else {
+            spool.durable_through = next_seq - 1;
         }
         for (id, old_salt) in state.free {
             spool.recycle(id, old_salt);
