@@ -705,8 +705,7 @@ impl Bench {
     }
 
     /// (d-f) The sink in one mode; every event's receipt awaited. Measures `send` when asked.
-    /// Per-event acks (`Batching::Off`, and the stream does not allow fast batches): the mode
-    /// named is the mode measured.
+    /// Per-event acks (`Batching::Off`): the mode named is the mode measured.
     async fn jetsink(
         &mut self,
         name: &str,
@@ -716,7 +715,9 @@ impl Bench {
         window: usize,
         measure_send: bool,
     ) -> anyhow::Result<(Row, Option<Latency>)> {
-        let (stream, subject) = self.fresh_stream("sink", false).await?;
+        // The stream allows batches where the server has them (no advice to print), and
+        // `Batching::Off` below keeps the row per-event.
+        let (stream, subject) = self.fresh_stream("sink", true).await?;
         let mut config = self.base.clone();
         config.stream = stream.clone();
         config.subject_template = format!("{subject}.{{tenantId}}");
@@ -725,7 +726,7 @@ impl Bench {
         config.ordering = mode;
         config.ordering_key = key;
         // These rows measure the named ordering mode with per-event acks (lanes are the
-        // many-producer rows' business); their streams do not allow batches either.
+        // many-producer rows' business).
         config.batching = Batching::Off;
         config.window = window;
         // Room for the whole round so `send` measures enqueueing, not waiting for the broker.
@@ -783,13 +784,14 @@ impl Bench {
         let proxy = FaultProxy::start(upstream.as_str())
             .await
             .context("starting the fault proxy")?;
-        let (stream, subject) = self.fresh_stream("outage", false).await?;
+        let (stream, subject) = self.fresh_stream("outage", true).await?;
         let mut config = self.base.clone();
         config.servers = vec![proxy.url()];
         config.stream = stream.clone();
         config.subject_template = format!("{subject}.{{tenantId}}");
         config.stream_policy = StreamPolicy::Verify;
         config.retention_floor = Duration::ZERO;
+        config.batching = Batching::Off; // the same mechanism as the main rows
         config.max_events = args.outage_queue_events;
         config.max_bytes = args.outage_queue_mib * 1024 * 1024;
         config.when_full = WhenFull::Reject;
@@ -938,10 +940,16 @@ impl Batch {
 
 /// A CloudEvent of about 430 bytes on the wire (structured JSON), tenant `i % 16`.
 fn make_event(round: u64, i: u64) -> CloudEvent {
+    make_event_of(round, 1, i)
+}
+
+/// Event `i` of `round` from supervisor `source` (each producer of a many-producer row has its
+/// own source, so no two share a message id).
+fn make_event_of(round: u64, source: usize, i: u64) -> CloudEvent {
     let tenant = format!("tenant-{:02}", i % TENANTS as u64);
     CloudEvent::new(
         format!("bench-{}-{round}-{i:08}", std::process::id()),
-        "/jetsink/bench/supervisor-0001",
+        format!("/jetsink/bench/supervisor-{source:04}"),
         "io.cellos.cell.lifecycle.started.v1",
     )
     .with_time("2024-05-01T12:00:00.000Z")

@@ -14,9 +14,7 @@ use sink_nats::{
 };
 use sink_testkit::{Cluster, ServerVersion};
 
-use super::{
-    percentiles, summarize, wire, Bench, BenchArgs, Cpu, Latency, Row, Spread, ALLOCATOR, TENANTS,
-};
+use super::{percentiles, summarize, wire, Bench, BenchArgs, Cpu, Latency, Row, Spread, ALLOCATOR};
 
 /// Serial publishes on the cluster for its own round trip (the single server's come from the
 /// serial-ack row of the main table).
@@ -167,23 +165,7 @@ fn shares(n: usize, parts: usize) -> impl Iterator<Item = usize> {
 fn producer_events(round: u64, p: usize, count: usize) -> Vec<(String, CloudEvent)> {
     (0..count as u64)
         .map(|i| {
-            let tenant = format!("tenant-{:02}", i % TENANTS as u64);
-            let event = CloudEvent::new(
-                format!("bench-{}-{round}-{i:08}", std::process::id()),
-                format!("/jetsink/bench/supervisor-{p:04}"),
-                "io.cellos.cell.lifecycle.started.v1",
-            )
-            .with_time("2024-05-01T12:00:00.000Z")
-            .with_subject(format!("cell/{i:08}"))
-            .with_data_json(serde_json::json!({
-                "tenantId": tenant,
-                "cellId": format!("cell-{i:08}"),
-                "image": "registry.example.com/team/service:1.24.3",
-                "node": "node-07.eu-west-1.example.internal",
-                "reason": "scheduled",
-                "attempt": 1,
-                "labels": { "app": "checkout", "tier": "web", "region": "eu-west-1" }
-            }));
+            let event = super::make_event_of(round, p, i);
             (MsgId::for_event(&event).as_str().to_owned(), event)
         })
         .collect()
