@@ -68,6 +68,21 @@ impl Producers {
     }
 }
 
+/// The operator's edit: the stream's config as it is, with `allow_batched` set to `on`.
+async fn set_allow_batched(js: &async_nats::jetstream::Context, on: bool) {
+    let info: serde_json::Value = js
+        .request(format!("STREAM.INFO.{STREAM}"), &())
+        .await
+        .expect("info");
+    let mut config = info["config"].clone();
+    config["allow_batched"] = on.into();
+    let reply: serde_json::Value = js
+        .request(format!("STREAM.UPDATE.{STREAM}"), &config)
+        .await
+        .expect("update");
+    assert!(reply.get("error").is_none(), "{reply}");
+}
+
 /// Audits several producers' reports against the stream: every delivered event stored once, each
 /// producer's events in its own send order (other producers interleave freely).
 async fn audit_producers(url: &str, runs: &[(String, Vec<Sent>)]) -> sink_testkit::AuditReport {
@@ -276,19 +291,7 @@ async fn a_stream_edited_to_refuse_batches_mid_run_moves_the_sink_to_per_event_a
     assert_eq!(sink.health().mechanism, Mechanism::FastBatch);
     let sending = spawn_send_all(&sink, "edit", 20_000, 1);
     wait_in_flight(&sink, 1, Duration::from_secs(10)).await;
-    // The operator's edit: the same config with allow_batched off.
-    let js = jetstream(&server).await;
-    let info: serde_json::Value = js
-        .request(format!("STREAM.INFO.{STREAM}"), &())
-        .await
-        .expect("info");
-    let mut config = info["config"].clone();
-    config["allow_batched"] = false.into();
-    let reply: serde_json::Value = js
-        .request(format!("STREAM.UPDATE.{STREAM}"), &config)
-        .await
-        .expect("update");
-    assert!(reply.get("error").is_none(), "{reply}");
+    set_allow_batched(&jetstream(&server).await, false).await;
     let mut sent = sending.await.expect("sender");
     // Events sent after the edit certainly meet it (the first run may have ended before).
     sent.extend(send_all(&sink, "after-edit", 2_000, 1).await);
@@ -330,17 +333,7 @@ async fn a_stream_edited_to_allow_batches_mid_run_moves_the_sink_to_lanes_on_2_1
     );
     let sending = spawn_send_all(&sink, "upgrade", 30_000, 1);
     wait_in_flight(&sink, 1, Duration::from_secs(10)).await;
-    let info: serde_json::Value = js
-        .request(format!("STREAM.INFO.{STREAM}"), &())
-        .await
-        .expect("info");
-    let mut config = info["config"].clone();
-    config["allow_batched"] = true.into();
-    let reply: serde_json::Value = js
-        .request(format!("STREAM.UPDATE.{STREAM}"), &config)
-        .await
-        .expect("update");
-    assert!(reply.get("error").is_none(), "{reply}");
+    set_allow_batched(&js, true).await;
     let mut sent = sending.await.expect("sender");
     // The next re-verification (every 300 ms here) sees the edit; what is sent after goes
     // through lanes.
