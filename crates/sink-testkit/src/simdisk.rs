@@ -340,10 +340,23 @@ impl SimDisk {
         }
     }
 
-    /// Performs every operation of `command`, stopping at the first failure.
+    /// Performs every operation of `command`, stopping at the first failure. A failed
+    /// preparation of a new file removes the file, as the command's contract asks.
     pub fn perform(&mut self, command: &IoCommand) -> Result<(), IoError> {
         for op in SimDisk::plan(command) {
-            self.apply(&op)?;
+            if let Err(error) = self.apply(&op) {
+                if let IoCommand::Prepare {
+                    segment,
+                    create: true,
+                    ..
+                } = command
+                {
+                    if self.files.contains_key(segment) {
+                        self.apply(&DiskOp::Unlink { segment: *segment })?;
+                    }
+                }
+                return Err(error);
+            }
         }
         Ok(())
     }

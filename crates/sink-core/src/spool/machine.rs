@@ -147,10 +147,10 @@ pub enum IoCommand {
         /// The chunks, in file order.
         writes: Vec<SegmentWrite>,
     },
-    /// fdatasync each listed segment, then fsync the directory. Issued once when a recovered
-    /// spool opens: after a process crash (no power loss) recovery reads records that were
-    /// only in the page cache, and they are durable only once this completes
-    /// ([`SpoolOutput::Durable`] follows).
+    /// fdatasync each listed segment (possibly none), then fsync the directory. Issued once
+    /// when a recovered spool opens: after a process crash (no power loss) recovery reads
+    /// records, and lists files, that were only in the page cache; they are durable only once
+    /// this completes ([`SpoolOutput::Durable`] follows when segments are listed).
     Sync {
         /// The live segments.
         segments: Vec<SegmentId>,
@@ -180,8 +180,8 @@ pub enum IoCommand {
         first_missing: Option<RecordSeq>,
         /// How many sequences are missing.
         missing: u64,
-        /// The skip record header to write over the region (absent when the region is shorter
-        /// than a record header).
+        /// What to write at `offset` once the copy is durable: a skip record header, or zeros
+        /// for a region too short to hold one.
         mark: Option<Bytes>,
     },
     /// Move a whole segment file into the quarantine directory and fsync both directories: its
@@ -505,18 +505,23 @@ impl Spool {
             spool.issue(repair, Issued::Repair);
         }
         spool.durable_through = spool.acked_through;
-        if !spool.live.is_empty() {
-            let segments = spool.live.iter().map(|s| s.id).collect();
-            spool.committing = true;
-            spool.issue(
-                IoCommand::Sync { segments },
+        let segments: Vec<SegmentId> = spool.live.iter().map(|s| s.id).collect();
+        if segments.is_empty() {
+            spool.durable_through = next_seq - 1;
+        }
+        if !segments.is_empty() || !state.free.is_empty() {
+            // Also makes the directory entries durable: after a process crash a file may be
+            // listed that was created without a directory sync, and it is about to be reused.
+            let why = if segments.is_empty() {
+                Issued::Repair
+            } else {
+                spool.committing = true;
                 Issued::Commit {
                     from: spool.durable_through + 1,
                     through: next_seq - 1,
-                },
-            );
-        } else {
-            spool.durable_through = next_seq - 1;
+                }
+            };
+            spool.issue(IoCommand::Sync { segments }, why);
         }
         for (id, old_salt) in state.free {
             spool.recycle(id, old_salt);

@@ -73,7 +73,25 @@
 //! segment) and a [`RecoveryReport`]. A torn tail is zeroed ([`IoCommand::Zero`]), a damaged
 //! region followed by valid records is copied aside and marked ([`IoCommand::Quarantine`]), a
 //! segment with an unreadable header is moved aside whole, and a segment from a newer format is
-//! refused with [`RecoverError::NewerFormat`]. See [`Recovery`] for the rules.
+//! refused with [`RecoverError::NewerFormat`]. See [`Recovery`] for the rules. The reopened
+//! machine's first command syncs every live segment and the directory ([`IoCommand::Sync`]):
+//! after a process crash without a power loss, recovery may have read records that were only in
+//! the page cache, and they count as durable only after that.
+//!
+//! # Known limits
+//!
+//! - A crash can leave a hole among writes that were never synced (the kernel writes pages back
+//!   in any order), with later unsynced records intact. Recovery cannot tell that from damage,
+//!   so the hole is quarantined and counted like damage; the records after it were never
+//!   confirmed, and are replayed.
+//! - A damaged *last* record is recognised as a torn tail only while its header still names
+//!   the next sequence; otherwise it is indistinguishable from bytes left by the file's
+//!   previous life, and the log simply ends before it.
+//! - A segment header damaged on disk (or torn by a crash while the segment was being
+//!   prepared, when it held nothing) moves the whole file aside: its records cannot be checked
+//!   without the salt. The sequences it held are counted as missing.
+//! - Acknowledgements made after the last append are not on disk: those records are delivered
+//!   again after a restart (the broker's duplicate window absorbs them).
 //!
 //! # The driving loop
 //!

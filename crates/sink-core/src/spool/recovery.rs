@@ -118,7 +118,9 @@ pub struct Recovered {
 ///   the next sequence that does not check out (short, or bad checksum). It was being written
 ///   at the crash and never confirmed durable: it is zeroed and appends continue there.
 ///   Anything else after the last record (zeros, leftovers of the file's previous life, an
-///   unrecognisable partial header) is simply overwritten by the next appends.
+///   unrecognisable partial header) is simply overwritten by the next appends. When the torn
+///   record is the first of a freshly rolled segment, that segment (valid header, no valid
+///   record) becomes the empty last segment.
 /// - A **damaged region**: bytes that are not a valid record, followed by a valid record (in
 ///   the same segment, or, at the end of a segment, a later segment that starts past the next
 ///   expected sequence). It is copied to the quarantine side file, marked with a skip record,
@@ -132,6 +134,8 @@ pub struct Recovered {
 pub struct Recovery {
     config: SpoolConfig,
     scanned: Vec<Scanned>,
+    /// Segments with a header and no valid record: free, or the torn start of the tail.
+    empty: Vec<Scanned>,
     free: Vec<(SegmentId, u64)>,
     damaged: Vec<(SegmentId, String)>,
     seen: BTreeSet<SegmentId>,
@@ -146,6 +150,8 @@ struct Region {
     first_missing: Option<RecordSeq>,
     /// The first sequence the valid record after it accounts for.
     resumes_at: RecordSeq,
+    /// The sequence its first header still names, when readable and plausible.
+    claimed: Option<RecordSeq>,
 }
 
 /// What follows the last valid record of a segment.
@@ -185,6 +191,7 @@ impl Recovery {
         Ok(Recovery {
             config,
             scanned: Vec::new(),
+            empty: Vec::new(),
             free: Vec::new(),
             damaged: Vec::new(),
             seen: BTreeSet::new(),
@@ -221,9 +228,11 @@ impl Recovery {
             ));
             return Ok(());
         }
-        match scan(segment, &header, bytes) {
-            Some(scanned) => self.scanned.push(scanned),
-            None => self.free.push((segment, header.salt)),
+        let scanned = scan(segment, &header, bytes);
+        if scanned.runs.is_empty() && scanned.last == 0 {
+            self.empty.push(scanned);
+        } else {
+            self.scanned.push(scanned);
         }
         Ok(())
     }
@@ -233,7 +242,8 @@ impl Recovery {
         let Recovery {
             config,
             mut scanned,
-            free,
+            empty,
+            mut free,
             mut damaged,
             seen,
         } = self;
@@ -264,74 +274,82 @@ impl Recovery {
         }
         report.damaged_segments = damaged;
 
-        let quarantine = |report: &mut RecoveryReport,
-                          repairs: &mut Vec<IoCommand>,
-                          s: &Scanned,
-                          offset: u64,
-                          len: u64,
-                          first_missing: Option<RecordSeq>,
-                          resumes_at: RecordSeq| {
-            let missing = first_missing.map_or(0, |f| resumes_at.saturating_sub(f));
-            let mark = (len >= RECORD_HEADER_LEN as u64).then(|| {
-                Bytes::copy_from_slice(&encode_skip(
-                    s.salt,
-                    first_missing.unwrap_or(0),
-                    missing,
-                    len,
-                ))
-            });
-            repairs.push(IoCommand::Quarantine {
-                segment: s.id,
-                offset,
-                len,
-                first_missing,
-                missing,
-                mark,
-            });
-            report.quarantined.push(QuarantinedRegion {
-                segment: s.id,
-                offset,
-                len,
-                first_missing,
-                missing,
-            });
-        };
-
         let mut previous: Option<&Scanned> = None;
         for s in &live {
             let before = previous.map(|p| p.last);
+            // Whether the sequences missing before this segment are already accounted for.
+            let mut gap_taken = false;
             if let (Some(p), Some(last)) = (previous, before) {
                 if s.first > last + 1 {
                     // Sequences are missing between two segments: the damage sits at the end
-                    // of the earlier one, or at the start of this one.
-                    match (&p.trailing, s.regions.first()) {
-                        (Some(t), _) if t.extent > 0 => quarantine(
-                            &mut report,
-                            &mut repairs,
-                            p,
-                            t.offset,
-                            t.extent,
-                            Some(last + 1),
-                            s.first,
-                        ),
+                    // of the earlier one, or at the start of this one. When both hold damaged
+                    // bytes the split is unknown: the earlier one carries the count.
+                    let leading = s.regions.first().is_some_and(|r| r.first_missing.is_none());
+                    match &p.trailing {
+                        Some(t) if t.extent > 0 => {
+                            quarantine(
+                                &mut report,
+                                &mut repairs,
+                                p,
+                                Damaged {
+                                    offset: t.offset,
+                                    len: t.extent,
+                                    // Nothing valid follows in that segment: the mark may
+                                    // reach past the damaged bytes.
+                                    room: p.size - t.offset,
+                                    first_missing: Some(last + 1),
+                                    resumes_at: s.first,
+                                },
+                            );
+                            gap_taken = true;
+                        }
+                        _ if leading => {}
                         _ => report.unexplained_missing += s.first - last - 1,
                     }
                 }
             }
             report.previously_quarantined += s.skips;
             for r in &s.regions {
-                let first_missing = r.first_missing.or(before.map(|b| b + 1));
+                let first_missing = match r.first_missing {
+                    Some(f) => Some(f),
+                    None if gap_taken => None,
+                    None => before.map(|b| b + 1).or(r.claimed),
+                };
                 quarantine(
                     &mut report,
                     &mut repairs,
                     s,
-                    r.offset,
-                    r.len,
-                    first_missing,
-                    r.resumes_at,
+                    Damaged {
+                        offset: r.offset,
+                        len: r.len,
+                        room: r.len,
+                        first_missing,
+                        resumes_at: r.resumes_at,
+                    },
                 );
             }
             previous = Some(s);
+        }
+
+        // The tail may have rolled into a segment whose first record is torn: that segment
+        // (valid header, no valid record, a record of ours with the next sequence at its
+        // start) becomes the last, empty, live segment. Other empty segments are free.
+        let expected = live.last().map_or(0, |s| s.last) + 1;
+        let mut tail_found = false;
+        for mut e in empty {
+            let torn_start = expected > 1
+                && e.trailing
+                    .as_ref()
+                    .and_then(|t| t.claimed)
+                    .is_some_and(|c| c.seq == expected);
+            if torn_start && !tail_found {
+                tail_found = true;
+                e.last = expected - 1;
+                e.first = expected;
+                live.push(e);
+            } else {
+                free.push((e.id, e.salt));
+            }
         }
 
         // The tail: a torn record of ours right after the last valid one is zeroed.
@@ -441,6 +459,47 @@ impl Recovery {
     }
 }
 
+/// A damaged region to quarantine.
+struct Damaged {
+    offset: u64,
+    /// The damaged bytes (copied aside).
+    len: u64,
+    /// Bytes the skip mark may cover (at least `len`).
+    room: u64,
+    first_missing: Option<RecordSeq>,
+    resumes_at: RecordSeq,
+}
+
+/// Queues the quarantine of a damaged region and reports it. The skip mark covers the region,
+/// or a whole record header's worth when the region is shorter and room allows; a region too
+/// short for any mark is zeroed after the copy (its loss then shows as missing sequences).
+fn quarantine(report: &mut RecoveryReport, repairs: &mut Vec<IoCommand>, s: &Scanned, d: Damaged) {
+    let missing = d
+        .first_missing
+        .map_or(0, |f| d.resumes_at.saturating_sub(f));
+    let covered = d.len.max(RECORD_HEADER_LEN as u64);
+    let mark = if covered <= d.room {
+        encode_skip(s.salt, d.first_missing.unwrap_or(0), missing, covered).to_vec()
+    } else {
+        vec![0; d.len as usize]
+    };
+    repairs.push(IoCommand::Quarantine {
+        segment: s.id,
+        offset: d.offset,
+        len: d.len,
+        first_missing: d.first_missing,
+        missing,
+        mark: Some(Bytes::from(mark)),
+    });
+    report.quarantined.push(QuarantinedRegion {
+        segment: s.id,
+        offset: d.offset,
+        len: d.len,
+        first_missing: d.first_missing,
+        missing,
+    });
+}
+
 /// Whether a valid record may follow `prev` (the last sequence accounted for in this segment).
 fn follows(prev: Option<RecordSeq>, record: &Record<'_>) -> bool {
     match *record {
@@ -452,8 +511,8 @@ fn follows(prev: Option<RecordSeq>, record: &Record<'_>) -> bool {
     }
 }
 
-/// Scans one segment; `None` when it holds no valid record (a free segment).
-fn scan(id: SegmentId, header: &SegmentHeader, bytes: &[u8]) -> Option<Scanned> {
+/// Scans one segment (one without a valid record has no runs).
+fn scan(id: SegmentId, header: &SegmentHeader, bytes: &[u8]) -> Scanned {
     let limit = (header.size.min(bytes.len() as u64)) as usize;
     let salt = header.salt;
     let mut s = Scanned {
@@ -515,6 +574,9 @@ fn scan(id: SegmentId, header: &SegmentHeader, bytes: &[u8]) -> Option<Scanned> 
                         len: (at - off) as u64,
                         first_missing: prev.map(|p| p + 1),
                         resumes_at,
+                        claimed: claimed(&bytes[off..limit])
+                            .map(|c| c.seq)
+                            .filter(|&c| c >= 1 && c < resumes_at && prev.is_none_or(|p| c > p)),
                     });
                     off = at;
                 }
@@ -535,8 +597,13 @@ fn scan(id: SegmentId, header: &SegmentHeader, bytes: &[u8]) -> Option<Scanned> 
     }
     s.last = prev.unwrap_or(0);
     // A segment whose only valid records are skips with unknown sequences still holds
-    // nothing to order by; it is free.
-    (any && prev.is_some()).then_some(s)
+    // nothing to order by: it is empty.
+    if !(any && prev.is_some()) {
+        s.runs.clear();
+        s.regions.clear();
+        s.end = SEGMENT_HEADER_LEN as u64;
+    }
+    s
 }
 
 /// The next offset from `from` where a valid record that may follow `prev` starts, with the
