@@ -52,6 +52,7 @@ mod provision;
 mod secret;
 mod server_url;
 mod sink;
+pub mod spool;
 mod stream_watch;
 mod subjects;
 pub mod transport;
