@@ -10,7 +10,7 @@ use futures::stream::{FuturesUnordered, StreamExt};
 use sink_nats::audit::{compare, read_stream, Expected};
 use sink_nats::sink_core::event::{CloudEvent, MsgId};
 use sink_nats::{
-    EmitError, JetStreamSink, OrderingKey, Pending, Receipt, SinkBuilder, StreamPolicy,
+    EmitError, JetStreamSink, Mechanism, OrderingKey, Pending, Receipt, SinkBuilder, StreamPolicy,
 };
 use sink_testkit::{FaultProxy, NatsServer, ProxyMode, ServerOptions, ServerVersion};
 use tokio::sync::{mpsc, oneshot};
@@ -123,14 +123,22 @@ pub async fn run(args: DemoArgs, common: &crate::config::Common) -> anyhow::Resu
         println!("demo: deleted the {DEMO_STREAM} stream of an earlier run");
     }
 
+    let lanes = config.lanes;
     let sink = SinkBuilder::from_config(config)
         .connect()
         .await
         .context("connecting the sink")?;
+    let health = sink.health();
+    let delivery = match health.mechanism {
+        Mechanism::FastBatch => format!("{} per tenant, up to {lanes} lanes", health.mechanism),
+        _ => format!(
+            "{}, ordering {} per tenant",
+            health.mechanism, health.ordering
+        ),
+    };
     println!(
-        "demo: sink connected (server {}, ordering {} per tenant), stream {DEMO_STREAM} created",
-        sink.health().server_version,
-        sink.health().ordering
+        "demo: sink connected (server {}, {delivery}), stream {DEMO_STREAM} created",
+        health.server_version,
     );
 
     // The kill/restart runs beside the sender, so events keep arriving while the broker is down.
