@@ -448,6 +448,8 @@ pub(crate) struct DirRecovery {
     pub(crate) segment_files: usize,
     /// Their total size.
     pub(crate) segment_bytes: u64,
+    /// The largest one's size.
+    pub(crate) largest: u64,
 }
 
 /// Reads every segment file of `dir`, one at a time, through sink-core's recovery. Changes
@@ -455,10 +457,11 @@ pub(crate) struct DirRecovery {
 pub(crate) fn recover(dir: &Path, config: SpoolConfig) -> Result<DirRecovery, SpoolError> {
     let mut recovery = Recovery::new(config).map_err(|e| recover_error(dir, e))?;
     let files = segment_files(dir)?;
-    let mut segment_bytes = 0;
+    let (mut segment_bytes, mut largest) = (0, 0);
     for (segment, path) in &files {
         let bytes = read_segment(dir, path)?;
         segment_bytes += bytes.len() as u64;
+        largest = largest.max(bytes.len() as u64);
         recovery
             .add_segment(*segment, &bytes)
             .map_err(|e| recover_error(path, e))?;
@@ -468,6 +471,7 @@ pub(crate) fn recover(dir: &Path, config: SpoolConfig) -> Result<DirRecovery, Sp
         recovered,
         segment_files: files.len(),
         segment_bytes,
+        largest,
     })
 }
 

@@ -121,7 +121,7 @@ pub enum SpoolError {
         dir: PathBuf,
     },
     /// The settings are invalid.
-    #[error("invalid spool settings: {0}")]
+    #[error(transparent)]
     Config(#[from] SpoolConfigError),
 }
 

@@ -29,6 +29,9 @@ pub struct Inspection {
     pub segment_files: usize,
     /// Their total size on disk (preallocated: full segments whatever they hold).
     pub segment_file_bytes: u64,
+    /// The largest segment file's size (0 without any): the segment size the spool was
+    /// written with, for an open that should prepare spares of the same size.
+    pub largest_segment_file: u64,
     /// Files in the quarantine directory (copies of damaged regions, whole damaged segments).
     pub quarantine_files: usize,
     /// Their total size.
@@ -83,6 +86,7 @@ pub fn inspect(dir: impl AsRef<Path>) -> Result<Inspection, SpoolError> {
         format_version: FORMAT_VERSION,
         segment_files: found.segment_files,
         segment_file_bytes: found.segment_bytes,
+        largest_segment_file: found.largest,
         quarantine_files,
         quarantine_bytes,
         in_use,

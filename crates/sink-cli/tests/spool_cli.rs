@@ -1,0 +1,229 @@
+//! `jetsink spool status` end to end on spool directories written through sink-nats: a clean spool, a damaged one (read-only status, then --repair), a newer format, a spool in use, a missing directory, and the JSON output.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use sink_nats::spool::{DiskSpool, SpoolConfig, FORMAT_VERSION, QUARANTINE_DIR};
+
+fn jetsink(args: &[&str]) -> Output {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_jetsink"));
+    cmd.env_remove("RUST_LOG").env_remove("JETSINK_CONFIG");
+    cmd.args(args).output().expect("run jetsink")
+}
+
+fn show(out: &Output) -> String {
+    format!(
+        "exit {:?}\n--- stdout\n{}--- stderr\n{}",
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+fn stdout(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The value column of a two-column table row.
+fn row(text: &str, name: &str) -> Option<String> {
+    text.lines().find_map(|line| {
+        let rest = line.strip_prefix(name)?;
+        rest.starts_with("  ").then(|| rest.trim().to_owned())
+    })
+}
+
+fn config() -> SpoolConfig {
+    SpoolConfig {
+        segment_size: 32 * 1024,
+        max_record: 1024,
+        ..SpoolConfig::default()
+    }
+}
+
+fn payload(i: u64) -> Vec<u8> {
+    format!("event {i} {}", "x".repeat(40)).into_bytes()
+}
+
+/// A spool holding records 1..=6 with 1 and 2 acknowledged (the watermark carried by record 6).
+fn write_spool(dir: &Path) {
+    let spool = DiskSpool::open(dir, config()).expect("open").spool;
+    futures::executor::block_on(async {
+        for i in 1..=5 {
+            spool.append(&payload(i)).await.expect("append");
+        }
+        assert!(spool.ack(1) && spool.ack(2));
+        spool.append(&payload(6)).await.expect("append");
+        spool.close().await.expect("close");
+    });
+}
+
+fn segment(dir: &Path) -> PathBuf {
+    dir.join("0000000000000001.jspool")
+}
+
+/// Offset of record `k` in the first segment (64-byte header, 28-byte record headers).
+fn offset(k: u64) -> usize {
+    64 + (1..k).map(|i| 28 + payload(i).len()).sum::<usize>()
+}
+
+fn path_str(p: &Path) -> &str {
+    p.to_str().expect("utf-8 path")
+}
+
+#[test]
+fn status_of_a_clean_spool_shows_what_it_holds_and_exits_0() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("spool");
+    write_spool(&dir);
+    let out = jetsink(&["spool", "status", path_str(&dir)]);
+    assert_eq!(out.status.code(), Some(0), "{}", show(&out));
+    let text = stdout(&out);
+    assert_eq!(row(&text, "records").as_deref(), Some("4"), "{text}");
+    assert_eq!(row(&text, "oldest sequence").as_deref(), Some("3"));
+    assert_eq!(row(&text, "next sequence").as_deref(), Some("7"));
+    assert_eq!(
+        row(&text, "format version"),
+        Some(format!(
+            "{FORMAT_VERSION} (this build reads {FORMAT_VERSION})"
+        ))
+    );
+    assert_eq!(row(&text, "torn tail").as_deref(), Some("none"));
+    assert_eq!(
+        row(&text, "damaged regions").as_deref(),
+        Some("0 (0 records missing)")
+    );
+    assert_eq!(row(&text, "in use").as_deref(), Some("no"));
+    assert!(
+        row(&text, "segments").unwrap().starts_with("1 live, "),
+        "{text}"
+    );
+    assert!(!text.contains("repairs pending"), "{text}");
+
+    let out = jetsink(&["spool", "status", path_str(&dir), "--json"]);
+    assert_eq!(out.status.code(), Some(0), "{}", show(&out));
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(json["records"], 4);
+    assert_eq!(json["oldest_seq"], 3);
+    assert_eq!(json["acked_through"], 2);
+    assert_eq!(json["format_version"], FORMAT_VERSION);
+    assert_eq!(json["damaged"], false);
+    assert_eq!(json["needs_repair"], false);
+    assert_eq!(json["in_use"], false);
+}
+
+#[test]
+fn damage_is_reported_without_changing_anything_and_repaired_on_request() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("spool");
+    write_spool(&dir);
+    let mut bytes = std::fs::read(segment(&dir)).unwrap();
+    bytes[offset(4) + 30] ^= 0x01;
+    std::fs::write(segment(&dir), &bytes).unwrap();
+
+    let out = jetsink(&["spool", "status", path_str(&dir)]);
+    assert_eq!(out.status.code(), Some(1), "{}", show(&out));
+    let text = stdout(&out);
+    assert_eq!(
+        row(&text, "damaged regions").as_deref(),
+        Some("1 (1 records missing)"),
+        "{text}"
+    );
+    assert!(
+        text.contains(&format!("0000000000000001.jspool offset {}", offset(4)))
+            && text.contains("records 4..=4"),
+        "{text}"
+    );
+    assert_eq!(row(&text, "records").as_deref(), Some("3"));
+    assert!(
+        text.contains("repairs pending (nothing was changed)"),
+        "{text}"
+    );
+    assert_eq!(std::fs::read(segment(&dir)).unwrap(), bytes, "status wrote");
+    assert!(!dir.join(QUARANTINE_DIR).exists());
+
+    let out = jetsink(&["spool", "status", path_str(&dir), "--repair"]);
+    assert_eq!(out.status.code(), Some(1), "{}", show(&out));
+    assert!(
+        stdout(&out).contains("repaired: copy 1 damaged regions into quarantine/ and mark them"),
+        "{}",
+        show(&out)
+    );
+
+    let out = jetsink(&["spool", "status", path_str(&dir)]);
+    assert_eq!(out.status.code(), Some(0), "{}", show(&out));
+    let text = stdout(&out);
+    assert_eq!(
+        row(&text, "damaged regions").as_deref(),
+        Some("0 (0 records missing)")
+    );
+    assert!(
+        row(&text, "quarantined before")
+            .unwrap()
+            .starts_with("1 regions marked; quarantine directory holds 1 files"),
+        "{text}"
+    );
+    assert_eq!(row(&text, "records").as_deref(), Some("3"));
+}
+
+#[test]
+fn a_newer_format_is_refused_with_the_fix() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("spool");
+    write_spool(&dir);
+    let mut bytes = std::fs::read(segment(&dir)).unwrap();
+    bytes[8..10].copy_from_slice(&(FORMAT_VERSION + 1).to_le_bytes());
+    std::fs::write(segment(&dir), &bytes).unwrap();
+    for args in [&[][..], &["--repair"][..]] {
+        let mut all = vec!["spool", "status", path_str(&dir)];
+        all.extend_from_slice(args);
+        let out = jetsink(&all);
+        assert_eq!(out.status.code(), Some(2), "{}", show(&out));
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains(
+                "0000000000000001.jspool has format version 2, newer than this build reads (1)"
+            ) && err.contains("jetsink version that wrote it"),
+            "{err}"
+        );
+    }
+    assert_eq!(std::fs::read(segment(&dir)).unwrap(), bytes);
+}
+
+#[test]
+fn a_spool_in_use_is_shown_as_such_and_not_repaired() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("spool");
+    write_spool(&dir);
+    let held = DiskSpool::open(&dir, config()).expect("open").spool;
+    let out = jetsink(&["spool", "status", path_str(&dir)]);
+    assert_eq!(out.status.code(), Some(0), "{}", show(&out));
+    assert_eq!(
+        row(&stdout(&out), "in use"),
+        Some(format!(
+            "yes, by pid {} (a snapshot of a running spool)",
+            std::process::id()
+        ))
+    );
+    let out = jetsink(&["spool", "status", path_str(&dir), "--repair"]);
+    assert_eq!(out.status.code(), Some(2), "{}", show(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("is in use by another process"),
+        "{}",
+        show(&out)
+    );
+    futures::executor::block_on(held.close()).expect("close");
+}
+
+#[test]
+fn a_missing_directory_is_an_error() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("absent");
+    let out = jetsink(&["spool", "status", path_str(&dir)]);
+    assert_eq!(out.status.code(), Some(2), "{}", show(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("No such file or directory"),
+        "{}",
+        show(&out)
+    );
+    assert!(!dir.exists(), "status created the directory");
+}
