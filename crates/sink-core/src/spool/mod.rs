@@ -163,6 +163,7 @@
 
 mod crc;
 mod machine;
+pub mod payload;
 pub mod record;
 mod recovery;
 
