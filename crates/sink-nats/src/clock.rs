@@ -5,7 +5,7 @@
 //! running while a test's virtual clock stands still, and a deadline read from one clock and
 //! slept on with the other would never be due.
 
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 /// Monotonic now, from tokio's clock (virtual when the runtime's time is paused).
 pub(crate) fn now() -> Instant {
@@ -27,4 +27,10 @@ pub(crate) async fn sleep_until(deadline: Option<Instant>) {
         Some(t) => tokio::time::sleep_until(tokio::time::Instant::from_std(t)).await,
         None => std::future::pending().await,
     }
+}
+
+/// Blocks the calling thread for `d`. Only for blocking code off the driver: opening a spool
+/// waits out a directory lock that is about to be released.
+pub(crate) fn pause_blocking(d: Duration) {
+    std::thread::sleep(d);
 }

@@ -10,7 +10,7 @@ use sink_core::spool::{IoError, IoErrorKind, RecordSeq, ReplayError, SpoolConfig
 #[non_exhaustive]
 pub enum SpoolError {
     /// Another process (or another open in this one) holds the spool directory's lock file.
-    #[error("spool directory {} is in use by another process{}; stop it, or give each process its own spool directory", dir.display(), match pid { Some(pid) => format!(" (pid {pid})"), None => String::new() })]
+    #[error("spool directory {} is in use: its lock is held{}; stop the process holding it, or give each process its own spool directory", dir.display(), match pid { Some(pid) => format!(" by pid {pid}"), None => String::new() })]
     Locked {
         /// The spool directory.
         dir: PathBuf,
