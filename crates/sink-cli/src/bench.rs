@@ -4,8 +4,10 @@
 //! cluster), their audits and the low-rate latency are in [`producers`].
 
 mod producers;
+mod spool;
 
 use std::future::IntoFuture;
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
@@ -95,6 +97,21 @@ pub struct BenchArgs {
     /// Seconds of the low-rate latency run (0 skips it).
     #[arg(long, default_value_t = 5)]
     pub low_rate_secs: u64,
+    /// Only the spooling rate during an outage (disk only, no server needed): the local spool
+    /// with 1 and 4 appenders against a raw preallocated log + fdatasync, `--events` per row,
+    /// `--rounds` rounds
+    #[arg(long)]
+    pub spool_only: bool,
+    /// Directory for --spool-only's files, on the disk a spool would use (default: a fresh one
+    /// under the system temp directory, removed after)
+    #[arg(long, value_name = "DIR")]
+    pub spool_dir: Option<PathBuf>,
+    /// Payload bytes per event for --spool-only
+    #[arg(long, default_value_t = 512)]
+    pub spool_payload: usize,
+    /// Segment size in MiB for --spool-only's spool rows (the spool's default is 64)
+    #[arg(long, default_value_t = 64)]
+    pub spool_segment_mib: u64,
 }
 
 fn parse_version(s: &str) -> Result<ServerVersion, String> {
@@ -379,6 +396,9 @@ struct Bench {
 
 /// Runs the benchmark and prints one table (or JSON).
 pub async fn run(args: BenchArgs, common: &crate::config::Common) -> anyhow::Result<ExitCode> {
+    if args.spool_only {
+        return spool::run(&args).await;
+    }
     anyhow::ensure!(args.events > 0, "--events must be at least 1");
     anyhow::ensure!(args.serial_events > 0, "--serial-events must be at least 1");
     anyhow::ensure!(args.rounds > 0, "--rounds must be at least 1");

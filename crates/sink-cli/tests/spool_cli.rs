@@ -227,3 +227,52 @@ fn a_missing_directory_is_an_error() {
     );
     assert!(!dir.exists(), "status created the directory");
 }
+
+/// `jetsink bench --spool-only` (a `lab` build): every row runs and reports sane numbers.
+#[cfg(feature = "lab")]
+#[test]
+fn bench_spool_only_measures_the_spool_against_the_raw_log() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = jetsink(&[
+        "bench",
+        "--spool-only",
+        "--events",
+        // Whole groups of 512 and 64.
+        "5120",
+        "--rounds",
+        "1",
+        "--spool-segment-mib",
+        "1",
+        "--spool-dir",
+        path_str(tmp.path()),
+        "--json",
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{}", show(&out));
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    let rows = json["rows"].as_array().expect("rows");
+    assert_eq!(rows.len(), 9, "{json:#}");
+    for row in rows {
+        let name = row["name"].as_str().unwrap();
+        assert!(
+            row["events_per_sec"]["median"].as_f64().unwrap() > 0.0,
+            "{row}"
+        );
+        let per_sync = row["records_per_sync"].as_f64().unwrap();
+        if name.starts_with("raw log") {
+            let group: f64 = if name.contains(" 64/group") {
+                64.0
+            } else {
+                512.0
+            };
+            assert!((per_sync - group).abs() < 1.0, "{row}");
+        } else if name.contains("x 1 in flight") {
+            assert!((per_sync - 1.0).abs() < 1e-9, "{row}");
+            assert!(row["vs_raw"].is_null());
+        } else {
+            assert!(per_sync > 1.0, "group commit shares syncs: {row}");
+            assert!(row["vs_raw"]["median"].as_f64().unwrap() > 0.0, "{row}");
+        }
+    }
+    let left: Vec<_> = std::fs::read_dir(tmp.path()).unwrap().collect();
+    assert!(left.is_empty(), "the bench leaves no row directory behind");
+}
