@@ -123,6 +123,27 @@ fn holder(path: &Path) -> Option<u32> {
     text.trim().parse().ok()
 }
 
+/// Creates `dir` and any missing parent, each made durable by an fsync of the directory that
+/// holds it: records confirmed in a new spool must not vanish with its directory entry after a
+/// power loss. An existing directory is left as it is.
+pub(crate) fn create_dir_durably(dir: &Path) -> Result<(), SpoolError> {
+    let missing: Vec<&Path> = dir
+        .ancestors()
+        .take_while(|a| !a.as_os_str().is_empty() && fs::symlink_metadata(a).is_err())
+        .collect();
+    fs::create_dir_all(dir).map_err(|e| SpoolError::io(dir, dir, "create", &e))?;
+    for created in missing.iter().rev() {
+        let parent = match created.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p,
+            _ => Path::new("."),
+        };
+        File::open(parent)
+            .and_then(|d| d.sync_all())
+            .map_err(|e| SpoolError::io(dir, parent, "fsync", &e))?;
+    }
+    Ok(())
+}
+
 /// The segment files of a spool directory, in id order (other files are not the spool's).
 pub(crate) fn segment_files(dir: &Path) -> Result<Vec<(SegmentId, PathBuf)>, SpoolError> {
     let entries = fs::read_dir(dir).map_err(|e| SpoolError::io(dir, dir, "list", &e))?;

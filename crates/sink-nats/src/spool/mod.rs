@@ -239,7 +239,7 @@ impl DiskSpool {
     /// [`SpoolError::Broken`] when a repair failed, [`SpoolError::Config`].
     pub fn open(dir: impl AsRef<Path>, config: SpoolConfig) -> Result<Opened, SpoolError> {
         let dir = dir.as_ref();
-        std::fs::create_dir_all(dir).map_err(|e| SpoolError::io(dir, dir, "create", &e))?;
+        disk::create_dir_durably(dir)?;
         let lock = DirLock::acquire(dir)?;
         let config = SpoolConfig {
             seed: config.seed ^ os_seed(),
