@@ -30,7 +30,11 @@
 //! - **Preallocation**: a new segment is filled with zeros (1 MiB writes) before its header,
 //!   not `fallocate`d (std has no fallocate, and fallocated extents are *unwritten*: the first
 //!   write into each would make its fdatasync commit file-system metadata). Writing into blocks
-//!   the file already owns makes each group commit's fdatasync flush data only.
+//!   the file already owns makes each group commit's fdatasync flush data only: measured with
+//!   `jetsink bench --spool-only`, a raw log in a zero-filled file did 449k records/s at 64 per
+//!   fdatasync against 262k in a sparse one (1.39M against 1.06M at 512). During an outage the
+//!   spool pays for it (every new 64 MiB segment is written twice, and its rows run about as
+//!   fast as the sparse raw log); once acknowledgements flow, segments are reused without it.
 //! - **A thread, not `spawn_blocking`**: the IO loop runs for the spool's whole life and blocks
 //!   on a condition variable between commands; the futures it resolves need no runtime.
 //! - **Seeds**: segment salts are drawn from `config.seed` mixed with a value from the OS's
