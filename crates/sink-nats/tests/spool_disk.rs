@@ -222,9 +222,11 @@ fn concurrent_appenders_share_each_fdatasync() {
         commits * 8 <= appends,
         "{commits} commits for {appends} appends with 128 in flight"
     );
+    // fdatasyncs: one per segment a commit touches (two when it rolls), plus one per segment
+    // prepared (~24 of 32 KiB here); still far fewer than appends.
     assert!(
-        syncs <= commits * 2 + 8,
-        "{syncs} syncs for {commits} commits"
+        syncs * 8 <= appends,
+        "{syncs} fdatasyncs ({commits} commits) for {appends} appends"
     );
 }
 
