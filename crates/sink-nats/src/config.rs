@@ -176,6 +176,13 @@ pub struct SinkConfig {
     pub ping_interval: Duration,
     /// Connect timeout per attempt.
     pub connect_timeout: Duration,
+    /// A local spool directory: `send` accepts an event only once it is durable there, and
+    /// a sink started on the directory delivers what an earlier process left, first and in
+    /// order (issue #12). `None` (default): events live in memory until acked.
+    pub spool: Option<PathBuf>,
+    /// Bytes the spool may hold (default 1 GiB); past it `send` waits or fails per
+    /// [`SinkConfig::when_full`].
+    pub spool_max_bytes: u64,
 }
 
 impl fmt::Debug for SinkConfig {
@@ -210,6 +217,8 @@ impl fmt::Debug for SinkConfig {
             .field("tls", &self.tls)
             .field("ping_interval", &self.ping_interval)
             .field("connect_timeout", &self.connect_timeout)
+            .field("spool", &self.spool)
+            .field("spool_max_bytes", &self.spool_max_bytes)
             .finish()
     }
 }
@@ -265,6 +274,8 @@ impl Default for SinkConfig {
             tls: Tls::default(),
             ping_interval: Duration::from_secs(2),
             connect_timeout: Duration::from_secs(5),
+            spool: None,
+            spool_max_bytes: 1024 * 1024 * 1024,
         }
     }
 }

@@ -11,6 +11,7 @@
 //! loop), drain the outbox's outputs, publish the health snapshot, then wait for the next reply,
 //! command, connection event, stream check or deadline.
 
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -24,8 +25,9 @@ use sink_core::lane::{BatchEnd, LaneOutput, LaneReceipt, LaneTransmit};
 use sink_core::outbox::{
     Ack, Failure, Message, OrderingMode, Outbox, Output, Refused, Rejection, Transmit,
 };
+use sink_core::spool::payload::SpooledEvent;
 use sink_core::stream::Violation;
-use tokio::sync::{mpsc, oneshot, Notify};
+use tokio::sync::{mpsc, oneshot, Notify, Semaphore};
 
 use crate::classify::{classify, Verdict};
 use crate::clock;
@@ -33,11 +35,13 @@ use crate::config::{SinkConfig, StreamPolicy};
 use crate::engine::{choose, Engine, Out};
 use crate::error::EmitError;
 use crate::handle::{
-    BatchReceipt, BreakerStatus, CloseReport, Command, Mechanism, Permits, Receipt, Shared,
+    permit_count, BatchReceipt, BreakerStatus, CloseReport, Command, Mechanism, Permits, Receipt,
+    Shared, SPOOL_CLOSE_MARK,
 };
 use crate::lanes::{batch_answer, LaneSet};
 use crate::metrics as m;
 use crate::provision::{chaining_guard, Provisioner, StreamChecked};
+use crate::spool::{DiskSpool, RecordSeq, Replay};
 use crate::stream_watch::StreamCheck;
 use crate::transport::{Transport, TransportError};
 use crate::waiters::{Waiter, Waiters};
@@ -54,7 +58,13 @@ pub(crate) struct Started<T> {
     /// Whether the stream policy has been applied (always, except when the server stayed down
     /// through a retry-on-initial-connect start: then the driver checks after it connects).
     pub stream_checked: bool,
+    /// The sink's spool and what an earlier process left in it, when configured.
+    pub spool: Option<(DiskSpool, Replay)>,
 }
+
+/// The queue's two bounds (events, bytes), shared with `send`: replayed events take their room
+/// too.
+pub(crate) type QueueRoom = (Arc<Semaphore>, Arc<Semaphore>);
 
 /// How long the driver waits before repeating a deferred stream check that failed.
 const STREAM_RECHECK: Duration = Duration::from_secs(1);
@@ -105,6 +115,16 @@ struct Driver<T: Transport> {
     stream_recheck: Arc<Notify>,
     /// The stream's replica count, once known (1 until then).
     replicas: u32,
+    /// The spool, when configured: records are acknowledged as their events get outcomes.
+    spool: Option<DiskSpool>,
+    /// What an earlier process left in the spool, until all of it is queued.
+    replay: Option<Replay>,
+    /// The replayed event waiting for queue room.
+    replay_next: Option<(RecordSeq, SpooledEvent)>,
+    /// Events `send` accepted while the replay runs: queued after it, in order.
+    deferred: VecDeque<Command>,
+    /// The queue's bounds, for replayed events.
+    room: QueueRoom,
 }
 
 /// Starts the driver task of one sink.
@@ -113,6 +133,7 @@ pub(crate) fn spawn<T: Transport>(
     started: Started<T>,
     commands: mpsc::UnboundedReceiver<Command>,
     shared: Arc<Shared>,
+    room: QueueRoom,
 ) {
     let outbox = Outbox::new(config.outbox_config()).expect("validated in start");
     let reserve = config.max_events.min(sink_core::outbox::RESERVE_LIMIT);
@@ -148,6 +169,11 @@ pub(crate) fn spawn<T: Transport>(
         stream_checks,
         stream_recheck,
         replicas: 1,
+        spool: started.spool.as_ref().map(|(spool, _)| spool.clone()),
+        replay: started.spool.map(|(_, replay)| replay),
+        replay_next: None,
+        deferred: VecDeque::new(),
+        room,
     };
     match started.checked {
         Some(checked) => driver.stream_known(checked.replicas, Some(checked.allow_batched)),
@@ -163,6 +189,7 @@ impl<T: Transport> Driver<T> {
         let mut replies = self.subscribe_replies().await;
         loop {
             self.handle_due_deadlines().await;
+            self.feed_replay();
             self.drain_outputs().await;
             self.publish_state();
             if self.close_is_done() {
@@ -222,6 +249,98 @@ impl<T: Transport> Driver<T> {
                 Out::PerEvent(out) => self.apply(out, now).await,
                 Out::Lane(lane, out) => self.apply_lane(lane, out, now).await,
             }
+        }
+    }
+
+    /// Queues what an earlier process left in the spool, oldest first, as queue room allows;
+    /// events `send` accepted meanwhile wait behind it. Each replayed event is delivered with its
+    /// original message id (a copy the broker stored before the crash is a duplicate there) and
+    /// acknowledged in the spool once it has an outcome.
+    fn feed_replay(&mut self) {
+        while self.replay.is_some() && self.closing.is_none() {
+            if self.replay_next.is_none() {
+                self.replay_next = self.next_replayed();
+                if self.replay_next.is_none() {
+                    continue; // the replay ended (or failed); the loop condition decides
+                }
+            }
+            let Some((seq, spooled)) = self.replay_next.take() else {
+                continue;
+            };
+            let size = spooled.message.size();
+            let permits = match (
+                self.room.0.clone().try_acquire_owned(),
+                self.room
+                    .1
+                    .clone()
+                    .try_acquire_many_owned(permit_count(size)),
+            ) {
+                (Ok(event), Ok(bytes)) => Permits { event, bytes },
+                _ => {
+                    self.replay_next = Some((seq, spooled));
+                    return; // no room yet: deliveries make some
+                }
+            };
+            // Nobody awaits a replayed event's outcome: the receiver is gone from the start.
+            let (reply, _) = oneshot::channel();
+            let span = tracing::debug_span!("jetsink.event", ce.id = %spooled.event_id, spool_seq = seq, stream_seq = tracing::field::Empty);
+            self.accept(
+                spooled.message,
+                spooled.event_id,
+                permits,
+                span,
+                reply,
+                Some(seq),
+            );
+        }
+        if self.replay.is_none() && self.replay_next.is_none() {
+            while let Some(cmd) = self.deferred.pop_front() {
+                self.on_command(cmd);
+            }
+        }
+    }
+
+    /// The next replayed event; ends the replay (`self.replay = None`) at its end or on an error.
+    fn next_replayed(&mut self) -> Option<(RecordSeq, SpooledEvent)> {
+        loop {
+            let replay = self.replay.as_mut()?;
+            let record = match replay.next() {
+                None => {
+                    tracing::info!("spool: everything an earlier process left is queued");
+                    self.replay = None;
+                    return None;
+                }
+                Some(Err(e)) => {
+                    // What is left stays in the spool for the next start.
+                    tracing::error!(error = %e, "spool: replay stopped");
+                    self.shared.set_error(format!("spool replay: {e}"));
+                    self.replay = None;
+                    return None;
+                }
+                Some(Ok(record)) => record,
+            };
+            if record.payload.as_ref() == SPOOL_CLOSE_MARK {
+                self.ack_spooled(record.seq);
+                continue;
+            }
+            match SpooledEvent::decode(&record.payload) {
+                Ok(event) => return Some((record.seq, event)),
+                Err(e) => {
+                    // Its record passed its checksum, so this is not damage on disk but a
+                    // payload this build cannot read: reported, counted, and let go.
+                    tracing::error!(seq = record.seq, error = %e, "spool: a spooled event cannot be read; dropped");
+                    m::spool_unreadable();
+                    self.shared
+                        .set_error(format!("spool record {}: {e}", record.seq));
+                    self.ack_spooled(record.seq);
+                }
+            }
+        }
+    }
+
+    fn ack_spooled(&self, seq: RecordSeq) {
+        if let Some(spool) = &self.spool {
+            spool.ack(seq);
         }
     }
 
@@ -296,13 +415,15 @@ impl<T: Transport> Driver<T> {
 
     fn on_command(&mut self, cmd: Command) {
         match cmd {
+            cmd @ Command::Emit { .. } if self.replay.is_some() => self.deferred.push_back(cmd),
             Command::Emit {
                 message,
                 event_id,
                 permits,
                 span,
                 reply,
-            } => self.accept(message, event_id, permits, span, reply),
+                spool_seq,
+            } => self.accept(message, event_id, permits, span, reply, spool_seq),
             Command::Flush { reply } => match self.waiters.highest() {
                 Some(mark) => self.flushes.push((mark, reply)),
                 None => {
@@ -324,6 +445,7 @@ impl<T: Transport> Driver<T> {
         permits: Permits,
         span: tracing::Span,
         reply: oneshot::Sender<Result<Receipt, EmitError>>,
+        spool_seq: Option<RecordSeq>,
     ) {
         if self.closing.is_some() {
             // `send` accepted it, so the close report lists it.
@@ -350,6 +472,7 @@ impl<T: Transport> Driver<T> {
                     transmits: 0,
                     span_warned: false,
                     too_large: None,
+                    spool_seq,
                 },
             ),
             Err(refused) => {
@@ -651,6 +774,9 @@ impl<T: Transport> Driver<T> {
             if let Some(reply) = w.reply.take() {
                 let _ = reply.send(Ok(receipt));
             }
+            if let (Some(spool), Some(seq)) = (&self.spool, w.spool_seq.take()) {
+                spool.ack(seq);
+            }
         }
         // A lane lets go of a confirmed event at once: its queue room is free now, whatever
         // another lane still holds (the outbox keeps acked entries behind an earlier one, so
@@ -688,6 +814,10 @@ impl<T: Transport> Driver<T> {
             };
             if let Some(reply) = w.reply {
                 let _ = reply.send(Err(error));
+            }
+            // An outcome for good: the spool need not keep it for another try.
+            if let (Some(spool), Some(seq)) = (&self.spool, w.spool_seq) {
+                spool.ack(seq);
             }
         }
         self.release_settled();
@@ -1002,6 +1132,7 @@ impl<T: Transport> Driver<T> {
         };
         let ordering = self.engine.ordering(self.config.ordering);
         let lanes = self.engine.lanes();
+        let replaying = self.replay.is_some() || self.replay_next.is_some();
         self.shared.health.send_if_modified(|h| {
             let changed = (
                 h.queued,
@@ -1010,8 +1141,12 @@ impl<T: Transport> Driver<T> {
                 h.breaker,
                 h.ordering,
                 h.lanes,
-            ) != (queued, in_flight, window, breaker, ordering, lanes);
+                h.spool_replay_pending,
+            ) != (
+                queued, in_flight, window, breaker, ordering, lanes, replaying,
+            );
             h.lanes = lanes;
+            h.spool_replay_pending = replaying;
             h.queued = queued;
             h.in_flight = in_flight;
             h.window = window;

@@ -15,6 +15,10 @@ pub enum StartError {
     /// The subject template does not parse.
     #[error("subject template: {0}")]
     Template(#[from] TemplateError),
+    /// The spool directory could not be opened (locked by another process, a newer format,
+    /// permissions, disk full), or an event in it could not be read back.
+    #[error("spool: {0}")]
+    Spool(#[from] crate::spool::SpoolError),
     /// A setting is out of range.
     #[error("config {field}: {problem}")]
     Config {
@@ -149,6 +153,22 @@ pub enum EmitError {
     /// The breaker is open and the policy is fail-fast.
     #[error("breaker open (fail-fast policy): the broker is failing; the event was not queued")]
     BreakerOpen,
+    /// The spool could not make the event durable (full, disk full, an IO error): it was not
+    /// accepted. [`crate::spool::SpoolError`] names the directory and the fix.
+    #[error("event {event_id} not accepted: {error}")]
+    Spool {
+        /// The event.
+        event_id: String,
+        /// What the spool said.
+        error: crate::spool::SpoolError,
+    },
+    /// `try_send` on a spooled sink: acceptance waits for the spool's fdatasync, which a call
+    /// that never waits cannot do. Use `send`.
+    #[error("event {event_id}: a spooled sink accepts an event only once it is on disk, which try_send cannot wait for; use send")]
+    SpoolNeedsSend {
+        /// The event.
+        event_id: String,
+    },
     /// The broker refused the event for good.
     #[error("event {event_id} rejected by the broker: {rejection}")]
     Rejected {

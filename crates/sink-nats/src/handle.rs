@@ -117,6 +117,12 @@ pub struct Health {
     /// Why that mechanism: the server version and stream settings that decided it, or the event
     /// that changed it (the stream stopped allowing batches). Also logged at INFO when decided.
     pub mechanism_reason: String,
+    /// The local spool's counts (records and bytes held, oldest sequence, segments, quarantined
+    /// regions, torn tails, syncs), when the sink has one.
+    pub spool: Option<crate::spool::DiskSpoolStats>,
+    /// Whether spooled events of an earlier process are still being handed to delivery (new
+    /// events wait behind them, so their order holds across the restart).
+    pub spool_replay_pending: bool,
 }
 
 /// What `close` could not deliver.
@@ -147,7 +153,18 @@ pub(crate) struct Permits {
     pub bytes: OwnedSemaphorePermit,
 }
 
+/// Permits an event of `size` bytes takes from the byte bound (one per byte).
+pub(crate) fn permit_count(size: usize) -> u32 {
+    u32::try_from(size).unwrap_or(u32::MAX)
+}
+
+/// The payload of a clean close's last spool record: it carries the spool's acknowledgements to
+/// disk (each record persists the acknowledged-through mark as it is written), so a restart does
+/// not deliver again what this process saw stored. Read back, it is acknowledged and skipped.
+pub(crate) const SPOOL_CLOSE_MARK: &[u8] = &[0];
+
 /// What a [`JetStreamSink`](crate::JetStreamSink) asks of its driver.
+#[allow(clippy::large_enum_variant)] // one per event, moved once; boxing would cost an allocation each
 pub(crate) enum Command {
     /// Queue one accepted event; its outcome goes to `reply`.
     Emit {
@@ -156,6 +173,9 @@ pub(crate) enum Command {
         permits: Permits,
         span: tracing::Span,
         reply: oneshot::Sender<Result<Receipt, EmitError>>,
+        /// Its spool record, when the sink has a spool: acknowledged there once it has an
+        /// outcome.
+        spool_seq: Option<crate::spool::RecordSeq>,
     },
     /// Reply once every event accepted before has an outcome.
     Flush { reply: oneshot::Sender<()> },
@@ -201,6 +221,8 @@ impl Shared {
                 mechanism: Mechanism::PerEvent,
                 lanes: 0,
                 mechanism_reason: "not decided yet: the stream has not been checked".to_owned(),
+                spool: None,
+                spool_replay_pending: false,
             }),
             max_payload: AtomicUsize::new(max_payload),
             final_report: watch::Sender::new(None),

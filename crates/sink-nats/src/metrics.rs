@@ -5,7 +5,8 @@
 //! `jetsink_queue_depth`, `jetsink_in_flight`, `jetsink_breaker_state` (0 closed, 1 open, 2 half-open),
 //! `jetsink_stream_violations{stream}` (what the last re-verification of the running stream found
 //! wrong; 0 when it meets every requirement), `jetsink_fast_batch` (1 while fast-batch lanes deliver,
-//! 0 with per-event acks), `jetsink_batches_total{end}` (fast batches by how they ended:
+//! 0 with per-event acks), `jetsink_spool_unreadable_total` (spooled events this build could not
+//! read back, reported and dropped), `jetsink_batches_total{end}` (fast batches by how they ended:
 //! `committed`, `gap`, `refused`, `unknown_batch`, `no_answer`, `connection_lost`).
 
 use sink_core::breaker::BreakerEvent;
@@ -75,4 +76,8 @@ pub(crate) fn batch_ended(end: &BatchEnd) {
         BatchEnd::ConnectionLost => "connection_lost",
     };
     metrics::counter!("jetsink_batches_total", "end" => end).increment(1);
+}
+
+pub(crate) fn spool_unreadable() {
+    metrics::counter!("jetsink_spool_unreadable_total").increment(1);
 }

@@ -10,6 +10,7 @@ use sink_core::backoff::{deadline_after, Backoff, RetrySchedule};
 use sink_core::encoding::{self, Encoding};
 use sink_core::event::{CloudEvent, MsgId};
 use sink_core::outbox::{BreakerOpenPolicy, Message, OrderingMode};
+use sink_core::spool::payload::SpooledEvent;
 use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
 use tracing::Instrument as _;
 
@@ -18,9 +19,12 @@ use crate::config::{Auth, Batching, OrderingKey, SinkConfig, StreamPolicy, Tls, 
 use crate::connect::{connect_error, connect_options, server_addrs, validate};
 use crate::driver::{self, Started};
 use crate::error::{EmitError, StartError};
-use crate::handle::{CloseReport, Command, Health, Permits, Receipt, Shared};
+use crate::handle::{
+    permit_count, CloseReport, Command, Health, Permits, Receipt, Shared, SPOOL_CLOSE_MARK,
+};
 use crate::provision::{check_stream, Provisioner};
 use crate::server_url::redacted_servers;
+use crate::spool::{DiskSpool, RecordSeq, Replay, SpoolConfig, SpoolError};
 use crate::subjects::Subjects;
 use crate::transport::Transport;
 use crate::wire::worst_case_wire_size;
@@ -64,6 +68,8 @@ struct Inner {
     max_bytes: usize,
     when_full: WhenFull,
     fail_fast: bool,
+    /// The local spool, when configured: `send` accepts an event once it is durable there.
+    spool: Option<DiskSpool>,
 }
 
 impl std::fmt::Debug for JetStreamSink {
@@ -94,16 +100,72 @@ impl JetStreamSink {
     pub async fn send(&self, event: CloudEvent) -> Result<Pending, EmitError> {
         let span = event_span(&event);
         let (message, event_id) = self.prepare(&event)?;
+        let started = clock::now();
         let permits = self.admit(message.size()).instrument(span.clone()).await?;
-        self.enqueue(message, event_id, permits, span)
+        let spool_seq = match &self.inner.spool {
+            Some(spool) => Some(
+                self.spool_append(spool, &message, &event_id, started)
+                    .instrument(span.clone())
+                    .await?,
+            ),
+            None => None,
+        };
+        self.enqueue(message, event_id, permits, span, spool_seq)
+    }
+
+    /// Writes the event to the spool and waits until it is durable there. A full spool is
+    /// waited out (or not) as a full queue is, per [`WhenFull`].
+    async fn spool_append(
+        &self,
+        spool: &DiskSpool,
+        message: &Message,
+        event_id: &str,
+        started: std::time::Instant,
+    ) -> Result<RecordSeq, EmitError> {
+        let payload = SpooledEvent {
+            message: message.clone(),
+            event_id: event_id.to_owned(),
+            unix_ms: clock::unix_ms(),
+        }
+        .encode()
+        // Only a field past 4 GiB (or 65,535 headers) does not fit the payload form.
+        .map_err(|_| EmitError::Spool {
+            event_id: event_id.to_owned(),
+            error: SpoolError::TooLarge {
+                len: message.size(),
+                max: u32::MAX,
+            },
+        })?;
+        let deadline = match self.inner.when_full {
+            WhenFull::Block { deadline } => deadline_after(started, deadline),
+            WhenFull::Reject => started,
+        };
+        loop {
+            match spool.append(&payload).await {
+                Ok(seq) => return Ok(seq),
+                Err(SpoolError::Full { .. }) if clock::now() < deadline => {
+                    // Room comes back as the broker acks what the spool holds.
+                    tokio::time::sleep(SPOOL_FULL_RETRY).await;
+                }
+                Err(error) => {
+                    return Err(EmitError::Spool {
+                        event_id: event_id.to_owned(),
+                        error,
+                    })
+                }
+            }
+        }
     }
 
     /// Like [`send`](Self::send) but never waits: a full queue fails at once.
     pub fn try_send(&self, event: CloudEvent) -> Result<Pending, EmitError> {
+        if self.inner.spool.is_some() {
+            return Err(EmitError::SpoolNeedsSend { event_id: event.id });
+        }
         let span = event_span(&event);
         let (message, event_id) = self.prepare(&event)?;
         let permits = self.try_admit(message.size(), Duration::ZERO)?;
-        self.enqueue(message, event_id, permits, span)
+        self.enqueue(message, event_id, permits, span, None)
     }
 
     /// Waits until every event accepted before this call has an outcome.
@@ -123,6 +185,14 @@ impl JetStreamSink {
     /// after the sink ended (an earlier close) returns at once with the report of that end.
     /// While a close is under way, a second one with an earlier deadline ends it sooner.
     pub async fn close(&self, deadline: Duration) -> CloseReport {
+        let report = self.close_driver(deadline).await;
+        if let Some(spool) = &self.inner.spool {
+            close_spool(spool).await;
+        }
+        report
+    }
+
+    async fn close_driver(&self, deadline: Duration) -> CloseReport {
         let (reply, rx) = oneshot::channel();
         let deadline = deadline_after(clock::now(), deadline);
         if self
@@ -144,7 +214,9 @@ impl JetStreamSink {
 
     /// A snapshot of the sink's state, as the driver last published it.
     pub fn health(&self) -> Health {
-        self.inner.shared.health.borrow().clone()
+        let mut health = self.inner.shared.health.borrow().clone();
+        health.spool = self.inner.spool.as_ref().map(DiskSpool::stats);
+        health
     }
 
     fn prepare(&self, event: &CloudEvent) -> Result<(Message, String), EmitError> {
@@ -267,6 +339,7 @@ impl JetStreamSink {
         event_id: String,
         permits: Permits,
         span: tracing::Span,
+        spool_seq: Option<RecordSeq>,
     ) -> Result<Pending, EmitError> {
         let (reply, rx) = oneshot::channel();
         self.inner
@@ -277,9 +350,29 @@ impl JetStreamSink {
                 permits,
                 span,
                 reply,
+                spool_seq,
             })
             .map_err(|_| EmitError::Closed)?;
         Ok(Pending { rx })
+    }
+}
+
+/// How often a `send` blocked by a full spool tries again.
+const SPOOL_FULL_RETRY: Duration = Duration::from_millis(10);
+
+/// Persists the acknowledgements with a close mark, then closes the spool.
+async fn close_spool(spool: &DiskSpool) {
+    match spool.append(SPOOL_CLOSE_MARK).await {
+        Ok(seq) => {
+            spool.ack(seq);
+        }
+        Err(SpoolError::Closed { .. }) => return,
+        Err(e) => {
+            tracing::warn!(error = %e, "spool: could not record the acknowledgements at close; events the broker stored may be sent again at the next start")
+        }
+    }
+    if let Err(e) = spool.close().await {
+        tracing::warn!(error = %e, "spool close");
     }
 }
 
@@ -292,10 +385,6 @@ fn event_span(event: &CloudEvent) -> tracing::Span {
         ce.type = %event.ty,
         stream_seq = tracing::field::Empty,
     )
-}
-
-fn permit_count(size: usize) -> u32 {
-    u32::try_from(size).unwrap_or(u32::MAX)
 }
 
 /// An async sink of CloudEvents, so services can swap implementations (a test double, another
@@ -426,6 +515,17 @@ impl SinkBuilder {
         self.config.lanes = lanes;
         self
     }
+    /// A local spool directory (see [`SinkConfig::spool`]): `send` accepts an event only once
+    /// it is durable there, and what an earlier process left is delivered first, in order.
+    pub fn spool(mut self, dir: impl Into<std::path::PathBuf>) -> Self {
+        self.config.spool = Some(dir.into());
+        self
+    }
+    /// Bytes the spool may hold (default 1 GiB).
+    pub fn spool_max_bytes(mut self, bytes: u64) -> Self {
+        self.config.spool_max_bytes = bytes;
+        self
+    }
     /// Ordering key (default: the whole sink).
     pub fn ordering_key(mut self, key: OrderingKey) -> Self {
         self.config.ordering_key = key;
@@ -511,7 +611,11 @@ impl SinkBuilder {
         let config = self.config;
         let subjects = Subjects::new(&config)?;
         validate(&config)?;
-        let started = start(&config, &subjects).await?;
+        // The spool first: a directory another process holds, or of a newer format, stops the
+        // start before anything connects.
+        let spool = open_spool(&config).await?;
+        let mut started = start(&config, &subjects).await?;
+        started.spool = spool;
         Ok(JetStreamSink::spawn(config, subjects, started))
     }
 
@@ -532,6 +636,12 @@ impl SinkBuilder {
                     .to_owned(),
             });
         }
+        if config.spool.is_some() {
+            return Err(StartError::Config {
+                field: "spool",
+                problem: "a sink on a custom transport runs without a spool; unset it".to_owned(),
+            });
+        }
         let subjects = Subjects::new(&config)?;
         validate(&config)?;
         let started = Started {
@@ -540,6 +650,7 @@ impl SinkBuilder {
             provision: None,
             checked: None,
             stream_checked: true,
+            spool: None,
         };
         Ok(JetStreamSink::spawn(config, subjects, started))
     }
@@ -571,8 +682,10 @@ impl JetStreamSink {
             max_bytes: config.max_bytes,
             when_full: config.when_full,
             fail_fast: config.when_breaker_open == BreakerOpenPolicy::FailFast,
+            spool: started.spool.as_ref().map(|(spool, _)| spool.clone()),
         };
-        driver::spawn(config, started, rx, shared);
+        let permits = (inner.events.clone(), inner.bytes.clone());
+        driver::spawn(config, started, rx, shared, permits);
         JetStreamSink {
             inner: Arc::new(inner),
         }
@@ -616,7 +729,29 @@ async fn start(
         checked,
         transport: client,
         events,
+        spool: None,
     })
+}
+
+/// Opens the configured spool (blocking IO, off the runtime's threads) and logs what recovery
+/// found.
+async fn open_spool(config: &SinkConfig) -> Result<Option<(DiskSpool, Replay)>, StartError> {
+    let Some(dir) = config.spool.clone() else {
+        return Ok(None);
+    };
+    let spool_config = SpoolConfig {
+        max_bytes: config.spool_max_bytes,
+        ..SpoolConfig::default()
+    };
+    let opened = tokio::task::spawn_blocking(move || DiskSpool::open(dir, spool_config))
+        .await
+        .map_err(|e| StartError::Config {
+            field: "spool",
+            problem: format!("the spool could not be opened: {e}"),
+        })??;
+    let report = &opened.report;
+    tracing::info!(dir = %opened.spool.dir().display(), ?report, "spool opened");
+    Ok(Some((opened.spool, opened.replay)))
 }
 
 /// With retry-on-initial-connect the client returns before its first connection (always, even

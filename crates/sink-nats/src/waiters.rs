@@ -28,6 +28,8 @@ pub(crate) struct Waiter {
     /// Refused at send time as larger than the server's `max_payload`: (wire size, limit). Its
     /// rejection is reported as [`EmitError::TooLarge`].
     pub(crate) too_large: Option<(usize, usize)>,
+    /// Its spool record, acknowledged there once the event has an outcome.
+    pub(crate) spool_seq: Option<crate::spool::RecordSeq>,
 }
 
 /// The callers waiting for outcomes, by outbox sequence. Sequences are handed out consecutively
