@@ -1,4 +1,4 @@
-//! The `jetsink` operator CLI: publish, stream ensure/verify, audit, doctor, spool status (plus bench and demo).
+//! The `jetsink` operator CLI: publish, stream ensure/verify, audit, doctor, spool status/drain (plus bench and demo).
 //!
 //! `bench` and `demo` exist only with the `lab` feature (`cargo xtask demo | bench` turn it on):
 //! they start nats-servers and inject outages with the test kit, which the shipped binary does not
@@ -73,7 +73,7 @@ enum Command {
     Demo(demo::DemoArgs),
     /// Check connectivity, auth, server capabilities, JetStream account limits and the stream
     Doctor(doctor::DoctorArgs),
-    /// Inspect a local spool directory
+    /// Inspect a local spool directory, or deliver what it holds
     #[command(subcommand)]
     Spool(spool::SpoolCommand),
 }
@@ -102,7 +102,7 @@ fn main() -> ExitCode {
             #[cfg(feature = "lab")]
             Command::Demo(args) => demo::run(args, &cli.common).await,
             Command::Doctor(args) => doctor::run(args, &cli.common).await,
-            Command::Spool(command) => spool::run(command).await,
+            Command::Spool(command) => spool::run(command, &cli.common).await,
         }
     });
     match result {

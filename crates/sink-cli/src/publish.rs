@@ -65,6 +65,15 @@ pub struct PublishArgs {
     /// Seconds to wait at the end for events not yet confirmed
     #[arg(long, value_name = "SECS", default_value_t = 30)]
     pub close_timeout: u64,
+    /// Local spool directory: an event is accepted only once it is durable there (fdatasync),
+    /// what an earlier process left there is delivered first, and what is not confirmed by the
+    /// end stays there for the next start on DIR or `jetsink spool drain DIR`. The broker may be
+    /// down at start: events are spooled and delivered when it is reachable
+    #[arg(long, value_name = "DIR")]
+    pub spool: Option<PathBuf>,
+    /// Most MiB the spool may hold; past it `send` waits (up to 30 s, then the event is rejected)
+    #[arg(long, value_name = "N", requires = "spool", value_parser = clap::value_parser!(u64).range(1..))]
+    pub spool_max_mib: Option<u64>,
 }
 
 /// `--stream-policy`.
@@ -188,6 +197,17 @@ pub async fn run(args: PublishArgs, common: &Common) -> anyhow::Result<ExitCode>
     if let Some(window) = args.window {
         config.window = usize::try_from(window).context("--window is too large")?;
     }
+    if let Some(dir) = &args.spool {
+        config.spool = Some(dir.clone());
+        if let Some(mib) = args.spool_max_mib {
+            config.spool_max_bytes = mib
+                .checked_mul(1024 * 1024)
+                .context("--spool-max-mib is too large")?;
+        }
+        // With a spool an event is safe once it is on disk: a broker that is down at start does
+        // not stop the run, the events wait in the spool.
+        config.retry_initial_connect = true;
+    }
 
     // Open the input before connecting: a missing file is a usage error, not a broker problem.
     let input = match (&args.generate, &args.file) {
@@ -227,6 +247,8 @@ pub async fn run(args: PublishArgs, common: &Common) -> anyhow::Result<ExitCode>
     let total = args.generate;
 
     let sink = SinkBuilder::from_config(config).connect().await?;
+    // What an earlier process left in the spool (delivered first, not counted as sent).
+    let spooled_at_start = sink.health().spool.map(|s| s.spool.records);
 
     let (item_tx, mut item_rx) = mpsc::channel::<Item>(1024);
     let reader = std::thread::spawn(move || produce(input, item_tx));
@@ -277,6 +299,9 @@ pub async fn run(args: PublishArgs, common: &Common) -> anyhow::Result<ExitCode>
 
     let health = sink.health();
     let close = sink.close(Duration::from_secs(args.close_timeout)).await;
+    // After close: what the spool still holds (events not confirmed, this run's or an earlier
+    // one's), persisted for the next start on the directory.
+    let spool_left = sink.health().spool.map(|s| s.spool.records);
     drop(pending_tx);
     // Every pending handle resolves once `close` has returned; the bound only guards a bug.
     if tokio::time::timeout(Duration::from_secs(10), collector)
@@ -317,6 +342,27 @@ pub async fn run(args: PublishArgs, common: &Common) -> anyhow::Result<ExitCode>
     t.row(["elapsed".to_owned(), duration(elapsed)]);
     t.row(["rate".to_owned(), rate(delivered, elapsed)]);
     t.row(["delivery".to_owned(), delivery(&health)]);
+    if let (Some(dir), Some(at_start), Some(left)) = (&args.spool, spooled_at_start, spool_left) {
+        t.row([
+            "spooled at start".to_owned(),
+            format!(
+                "{} records an earlier process left (delivered first; close marks included)",
+                thousands(at_start)
+            ),
+        ]);
+        t.row([
+            "left in spool".to_owned(),
+            if left == 0 {
+                "0".to_owned()
+            } else {
+                format!(
+                    "{} (in {}: delivered by the next start on it or `jetsink spool drain`)",
+                    thousands(left),
+                    dir.display()
+                )
+            },
+        ]);
+    }
     print!("{t}");
     if let Some(line) = &stopped_at {
         eprintln!("stopped at the first bad line (--strict): {line}");
@@ -330,7 +376,8 @@ pub async fn run(args: PublishArgs, common: &Common) -> anyhow::Result<ExitCode>
         && rejected == 0
         && invalid == 0
         && undelivered == 0
-        && delivered == sent;
+        && delivered == sent
+        && spool_left.unwrap_or(0) == 0;
     Ok(if all_delivered {
         ExitCode::SUCCESS
     } else {
@@ -445,7 +492,7 @@ async fn collect(
     }
 }
 
-fn progress_bar(total: Option<u64>) -> ProgressBar {
+pub(crate) fn progress_bar(total: Option<u64>) -> ProgressBar {
     if !std::io::stderr().is_terminal() {
         return ProgressBar::hidden();
     }
@@ -476,8 +523,12 @@ async fn tick(
         let acked = Counts::get(&counts.delivered);
         let health = sink.health();
         bar.set_position(acked);
+        let spooled = health
+            .spool
+            .map(|s| format!(" · spooled {}", s.spool.records))
+            .unwrap_or_default();
         bar.set_message(format!(
-            "acked · {} · retries {} · queued {} · in flight {}",
+            "acked · {} · retries {} · queued {} · in flight {}{spooled}",
             rate(acked, started.elapsed()),
             crate::RETRIES.load(Ordering::Relaxed),
             health.queued,

@@ -1,14 +1,18 @@
-//! `jetsink spool status DIR`: what a local spool directory holds and what recovery would repair, read without changing anything (`--repair` applies the repairs).
+//! `jetsink spool status DIR`: what a local spool directory holds and what recovery would repair, read without changing anything (`--repair` applies the repairs); `jetsink spool drain DIR`: deliver what a spool holds and close.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use clap::{Args, Subcommand};
 use sink_nats::sink_core::spool::record::{RECORD_HEADER_LEN, SEGMENT_HEADER_LEN};
 use sink_nats::spool::{inspect, DiskSpool, Inspection, SpoolConfig, FORMAT_VERSION};
+use sink_nats::{SinkBuilder, StreamPolicy};
 
-use crate::output::{thousands, Table};
+use crate::config::Common;
+use crate::output::{duration, rate, thousands, Table};
+use crate::publish::PolicyArg;
 
 /// `jetsink spool ...`.
 #[derive(Subcommand, Debug)]
@@ -16,6 +20,26 @@ pub enum SpoolCommand {
     /// Show what a spool directory holds (records, bytes, oldest sequence, segments, damage) and
     /// what recovery would repair; read-only unless --repair
     Status(StatusArgs),
+    /// Deliver what a spool directory holds (a spool a dead service left) to the stream, then
+    /// close; exits 0 only when the spool is empty afterwards
+    Drain(DrainArgs),
+}
+
+/// Options of `spool drain`.
+#[derive(Args, Debug)]
+pub struct DrainArgs {
+    /// The spool directory (must exist; no other process may hold it)
+    #[arg(value_name = "DIR")]
+    pub dir: PathBuf,
+    /// What to do with the stream at start
+    #[arg(long, value_enum, default_value_t = PolicyArg::Verify)]
+    pub stream_policy: PolicyArg,
+    /// Seconds to wait for the spool to be handed over and the queue to empty (0: no limit)
+    #[arg(long, value_name = "SECS", default_value_t = 600)]
+    pub timeout: u64,
+    /// Seconds to wait at the end for events not yet confirmed
+    #[arg(long, value_name = "SECS", default_value_t = 30)]
+    pub close_timeout: u64,
 }
 
 /// Options of `spool status`.
@@ -35,10 +59,113 @@ pub struct StatusArgs {
 }
 
 /// Runs `spool`.
-pub async fn run(command: SpoolCommand) -> anyhow::Result<ExitCode> {
+pub async fn run(command: SpoolCommand, common: &Common) -> anyhow::Result<ExitCode> {
     match command {
         SpoolCommand::Status(args) => status(args).await,
+        SpoolCommand::Drain(args) => drain(args, common).await,
     }
+}
+
+/// How often `drain` looks at the sink's health.
+const DRAIN_POLL: Duration = Duration::from_millis(100);
+
+async fn drain(args: DrainArgs, common: &Common) -> anyhow::Result<ExitCode> {
+    // A drain delivers an existing spool; it never creates one (a typo would otherwise start an
+    // empty spool and report success).
+    anyhow::ensure!(
+        args.dir.is_dir(),
+        "spool directory {} does not exist",
+        args.dir.display()
+    );
+    let mut config = common.sink_config()?;
+    config.stream_policy = match args.stream_policy {
+        PolicyArg::Off => StreamPolicy::Off,
+        PolicyArg::Verify => StreamPolicy::Verify,
+        PolicyArg::Create => StreamPolicy::Create,
+    };
+    config.spool = Some(args.dir.clone());
+    let sink = SinkBuilder::from_config(config).connect().await?;
+    let at_start = sink.health().spool.map_or(0, |s| s.spool.records);
+    let bar = crate::publish::progress_bar(Some(at_start));
+    let started = Instant::now();
+    let limit = (args.timeout > 0).then(|| started + Duration::from_secs(args.timeout));
+    let mut timed_out = false;
+    loop {
+        let health = sink.health();
+        let held = health.spool.map_or(0, |s| s.spool.records);
+        let done = at_start.saturating_sub(held);
+        bar.set_position(done);
+        bar.set_message(format!(
+            "handed over · {} · retries {} · queued {} · in flight {}{}",
+            rate(done, started.elapsed()),
+            crate::RETRIES.load(std::sync::atomic::Ordering::Relaxed),
+            health.queued,
+            health.in_flight,
+            if health.spool_replay_pending {
+                " · replaying"
+            } else {
+                ""
+            }
+        ));
+        if !health.spool_replay_pending && health.queued == 0 {
+            break;
+        }
+        if limit.is_some_and(|l| Instant::now() >= l) {
+            timed_out = true;
+            break;
+        }
+        tokio::time::sleep(DRAIN_POLL).await;
+    }
+    let last_error = sink.health().last_error;
+    let close = sink.close(Duration::from_secs(args.close_timeout)).await;
+    let elapsed = started.elapsed();
+    bar.finish_and_clear();
+    // After close: what the spool still holds, persisted for the next start on it.
+    let left = sink.health().spool.map_or(0, |s| s.spool.records);
+
+    let mut t = Table::new(["spool drain", &args.dir.display().to_string()]);
+    t.row([
+        "records at start".to_owned(),
+        format!("{} (close marks included)", thousands(at_start)),
+    ]);
+    t.row(["delivered".to_owned(), thousands(close.delivered)]);
+    t.row(["rejected".to_owned(), thousands(close.rejected)]);
+    t.row([
+        "not confirmed".to_owned(),
+        thousands(close.not_delivered.len() as u64),
+    ]);
+    t.row(["left in spool".to_owned(), thousands(left)]);
+    t.row(["elapsed".to_owned(), duration(elapsed)]);
+    t.row(["rate".to_owned(), rate(close.delivered, elapsed)]);
+    print!("{t}");
+    if timed_out {
+        eprintln!(
+            "the spool was not handed over within --timeout {} s; what is left stays in {}",
+            args.timeout,
+            args.dir.display()
+        );
+    }
+    if left > 0 {
+        if let Some(e) = last_error {
+            eprintln!("last error: {e}");
+        }
+        eprintln!(
+            "{} records stay in {} for the next start on it",
+            thousands(left),
+            args.dir.display()
+        );
+    }
+    if close.rejected > 0 {
+        eprintln!(
+            "{} events were rejected by the broker (see the log with -v); they are not in the spool any more",
+            thousands(close.rejected)
+        );
+    }
+    Ok(if left == 0 && close.rejected == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
 }
 
 async fn status(args: StatusArgs) -> anyhow::Result<ExitCode> {

@@ -1,13 +1,32 @@
-//! `jetsink spool status` end to end on spool directories written through sink-nats: a clean spool, a damaged one (read-only status, then --repair), a newer format, a spool in use, a missing directory, and the JSON output.
+//! `jetsink spool status` end to end on spool directories written through sink-nats: a clean spool, a damaged one (read-only status, then --repair), a newer format, a spool in use, a missing directory, and the JSON output; `jetsink publish --spool` with the broker down and `jetsink spool drain` to it once it is back, audited; help snapshots of the spool commands.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
+use std::time::Duration;
 
+use sink_nats::sink_core::event::{CloudEvent, MsgId};
 use sink_nats::spool::{DiskSpool, SpoolConfig, FORMAT_VERSION, QUARANTINE_DIR};
+use sink_testkit::{read_stream, NatsServer, ServerOptions, ServerVersion};
+
+/// Variables that would leak the caller's environment into a test run.
+const ENV: [&str; 10] = [
+    "NATS_URL",
+    "JETSINK_STREAM",
+    "JETSINK_SUBJECT_TEMPLATE",
+    "NATS_TOKEN",
+    "NATS_USER",
+    "NATS_PASSWORD",
+    "JETSINK_CONFIG",
+    "RUST_LOG",
+    "NATS_CREDS",
+    "COLUMNS",
+];
 
 fn jetsink(args: &[&str]) -> Output {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_jetsink"));
-    cmd.env_remove("RUST_LOG").env_remove("JETSINK_CONFIG");
+    for var in ENV {
+        cmd.env_remove(var);
+    }
     cmd.args(args).output().expect("run jetsink")
 }
 
@@ -275,4 +294,188 @@ fn bench_spool_only_measures_the_spool_against_the_raw_log() {
     }
     let left: Vec<_> = std::fs::read_dir(tmp.path()).unwrap().collect();
     assert!(left.is_empty(), "the bench leaves no row directory behind");
+}
+
+const STREAM: &str = "SPOOLED";
+const TEMPLATE: &str = "spooled.{tenantId}.v1";
+
+/// `jetsink --url URL --stream SPOOLED --subject-template ... ARGS`, off the async runtime.
+async fn jetsink_on(url: &str, args: &[&str]) -> Output {
+    let mut all = vec![
+        "--url",
+        url,
+        "--stream",
+        STREAM,
+        "--subject-template",
+        TEMPLATE,
+    ];
+    all.extend_from_slice(args);
+    let all: Vec<String> = all.iter().map(|a| (*a).to_owned()).collect();
+    tokio::task::spawn_blocking(move || {
+        let refs: Vec<&str> = all.iter().map(String::as_str).collect();
+        jetsink(&refs)
+    })
+    .await
+    .expect("jetsink task")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_spooled_while_the_broker_is_down_are_drained_once_and_in_order() {
+    let mut server = NatsServer::start(ServerOptions::version(ServerVersion::V2_9))
+        .await
+        .expect("start nats-server 2.9");
+    let url = server.url();
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("spool");
+    let sent = tmp.path().join("sent.ndjson");
+    server.kill().await.expect("kill the broker");
+
+    // The broker is down: every event is accepted into the spool, none is confirmed.
+    let out = jetsink_on(
+        &url,
+        &[
+            "publish",
+            "--spool",
+            path_str(&dir),
+            "--generate",
+            "300",
+            "--save",
+            path_str(&sent),
+            "--stream-policy",
+            "create",
+            "--close-timeout",
+            "1",
+        ],
+    )
+    .await;
+    assert_eq!(out.status.code(), Some(1), "{}", show(&out));
+    let text = stdout(&out);
+    assert_eq!(row(&text, "sent").as_deref(), Some("300"), "{text}");
+    assert_eq!(row(&text, "delivered").as_deref(), Some("0"), "{text}");
+    assert_eq!(row(&text, "rejected").as_deref(), Some("0"), "{text}");
+    assert!(
+        row(&text, "left in spool")
+            .unwrap_or_default()
+            .starts_with("300 (in "),
+        "{text}"
+    );
+
+    // A drain to a broker that is still down fails to connect and leaves the spool alone.
+    let out = jetsink_on(
+        &url,
+        &[
+            "spool",
+            "drain",
+            path_str(&dir),
+            "--stream-policy",
+            "create",
+        ],
+    )
+    .await;
+    assert_eq!(out.status.code(), Some(2), "{}", show(&out));
+    let out = jetsink(&["spool", "status", path_str(&dir), "--json"]);
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    // The 300 events and the mark the clean close wrote.
+    assert_eq!(json["records"], 301, "{json:#}");
+
+    server.restart().await.expect("restart the broker");
+    let out = jetsink_on(
+        &url,
+        &[
+            "spool",
+            "drain",
+            path_str(&dir),
+            "--stream-policy",
+            "create",
+        ],
+    )
+    .await;
+    assert_eq!(out.status.code(), Some(0), "{}", show(&out));
+    let text = stdout(&out);
+    assert_eq!(row(&text, "delivered").as_deref(), Some("300"), "{text}");
+    assert_eq!(row(&text, "left in spool").as_deref(), Some("0"), "{text}");
+    assert_eq!(row(&text, "rejected").as_deref(), Some("0"), "{text}");
+
+    // Every event once, in the order it was generated, with its own message id.
+    let want: Vec<String> = std::fs::read_to_string(&sent)
+        .unwrap()
+        .lines()
+        .map(|line| {
+            let event = CloudEvent::from_json_line(line).expect("saved event");
+            MsgId::for_event(&event).as_str().to_owned()
+        })
+        .collect();
+    assert_eq!(want.len(), 300);
+    let client = server.connect().await.expect("client");
+    let js = async_nats::jetstream::new(client);
+    let stored = read_stream(&js, STREAM, Duration::from_secs(30))
+        .await
+        .expect("read back");
+    let got: Vec<String> = stored
+        .iter()
+        .map(|m| m.msg_id.clone().expect("msg id"))
+        .collect();
+    assert_eq!(got, want, "the stream holds every event once, in order");
+    let out = jetsink_on(&url, &["audit", "--expect", path_str(&sent)]).await;
+    assert_eq!(out.status.code(), Some(0), "{}", show(&out));
+
+    // Drained: status shows an empty spool, a second drain delivers nothing and succeeds, and a
+    // spooled publish to the running broker leaves nothing behind.
+    let out = jetsink(&["spool", "status", path_str(&dir), "--json"]);
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(json["damaged"], false, "{json:#}");
+    let out = jetsink_on(&url, &["spool", "drain", path_str(&dir)]).await;
+    assert_eq!(out.status.code(), Some(0), "{}", show(&out));
+    assert_eq!(row(&stdout(&out), "delivered").as_deref(), Some("0"));
+    let out = jetsink_on(
+        &url,
+        &["publish", "--spool", path_str(&dir), "--generate", "40"],
+    )
+    .await;
+    assert_eq!(out.status.code(), Some(0), "{}", show(&out));
+    let text = stdout(&out);
+    assert_eq!(row(&text, "delivered").as_deref(), Some("40"), "{text}");
+    assert_eq!(row(&text, "left in spool").as_deref(), Some("0"), "{text}");
+    assert_eq!(
+        read_stream(&js, STREAM, Duration::from_secs(30))
+            .await
+            .expect("read back")
+            .len(),
+        340,
+        "nothing drained was sent again"
+    );
+}
+
+#[test]
+fn draining_a_missing_directory_is_an_error() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("absent");
+    // No broker is needed to refuse it: nothing connects.
+    let out = jetsink(&[
+        "--url",
+        "nats://127.0.0.1:1",
+        "spool",
+        "drain",
+        path_str(&dir),
+    ]);
+    assert_eq!(out.status.code(), Some(2), "{}", show(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("does not exist"),
+        "{}",
+        show(&out)
+    );
+    assert!(!dir.exists(), "drain created the directory");
+}
+
+#[test]
+fn spool_help_texts() {
+    for (name, args) in [
+        ("help_spool", &["spool", "--help"][..]),
+        ("help_spool_drain", &["spool", "drain", "--help"][..]),
+        ("help_spool_status", &["spool", "status", "--help"][..]),
+    ] {
+        let out = jetsink(args);
+        assert_eq!(out.status.code(), Some(0), "{}", show(&out));
+        insta::assert_snapshot!(name, stdout(&out));
+    }
 }
