@@ -112,6 +112,12 @@ pub struct BenchArgs {
     /// Segment size in MiB for --spool-only's spool rows (the spool's default is 64)
     #[arg(long, default_value_t = 64)]
     pub spool_segment_mib: u64,
+    /// Also run spooled delivery beside the many-producer rows of the single server: 1 and 4
+    /// producers sending through one sink with a local spool (every event fdatasync'd before its
+    /// `send` returns), against the reference with as many connections in the same round, each
+    /// run audited; the table shows every row's `send` latency (in `--spool-dir`)
+    #[arg(long, conflicts_with = "spool_only")]
+    pub spool: bool,
 }
 
 fn parse_version(s: &str) -> Result<ServerVersion, String> {
@@ -151,6 +157,8 @@ struct Row {
     /// Many-producer rows: the delivery mechanism the producers' sinks ran, counted; a reference
     /// row's note (what the broker dropped).
     mechanism: Option<String>,
+    /// Many-producer jetsink rows: `send` latency over every producer's sends of the round.
+    send: Option<Latency>,
 }
 
 /// A median and its range over the rounds.
@@ -324,6 +332,7 @@ impl Row {
             vs_serial: None,
             audit: None,
             mechanism: None,
+            send: None,
         }
     }
 
@@ -518,7 +527,8 @@ pub async fn run(args: BenchArgs, common: &crate::config::Common) -> anyhow::Res
         bench.client.server_info().version,
         args.rounds
     );
-    let mut single = producers::section(&mut bench, &args, args.rounds, title, &progress).await?;
+    let mut single =
+        producers::section(&mut bench, &args, args.rounds, title, args.spool, &progress).await?;
     single.low_rate = producers::low_rate(
         &mut bench,
         &args,

@@ -479,3 +479,69 @@ fn spool_help_texts() {
         insta::assert_snapshot!(name, stdout(&out));
     }
 }
+
+/// `jetsink bench --spool` (a `lab` build): the spooled rows run beside their references, are
+/// audited, and report their `send` latency.
+#[cfg(feature = "lab")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bench_spool_rows_run_audited_beside_their_references() {
+    let server = NatsServer::start(ServerOptions::version(ServerVersion::V2_9))
+        .await
+        .expect("start nats-server 2.9");
+    let url = server.url();
+    let tmp = tempfile::tempdir().unwrap();
+    let spool_dir = tmp.path().join("spools");
+    let args: Vec<String> = [
+        "--url",
+        &url,
+        "bench",
+        "--spool",
+        "--spool-dir",
+        path_str(&spool_dir),
+        "--only",
+        "spooled",
+        "--events",
+        "2000",
+        "--warmup-events",
+        "0",
+        "--serial-events",
+        "50",
+        "--rounds",
+        "1",
+        "--low-rate-secs",
+        "0",
+        "--producers",
+        "1",
+        "--json",
+    ]
+    .iter()
+    .map(|a| (*a).to_owned())
+    .collect();
+    let out = tokio::task::spawn_blocking(move || {
+        let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+        jetsink(&refs)
+    })
+    .await
+    .expect("bench task");
+    assert_eq!(out.status.code(), Some(0), "{}", show(&out));
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    let rows = json["sections"][0]["rows"].as_array().expect("rows");
+    let names: Vec<&str> = rows.iter().map(|r| r["name"].as_str().unwrap()).collect();
+    assert_eq!(names.len(), 4, "{names:?}");
+    assert_eq!(names[0], "reference x1 connection");
+    assert!(names[1].starts_with("jetsink spooled, 1 producer on one sink"));
+    assert_eq!(names[2], "reference x4 connections");
+    assert!(names[3].starts_with("jetsink spooled, 4 producers on one sink"));
+    for row in [&rows[1], &rows[3]] {
+        assert_eq!(row["audit"], "ok", "{row}");
+        assert!(
+            row["vs_reference"]["median"].as_f64().unwrap() > 0.0,
+            "{row}"
+        );
+        let send = &row["send_latency_us"];
+        assert!(send["p50"].as_f64().unwrap() > 0.0, "{row}");
+        assert!(send["p99"].as_f64().unwrap() >= send["p50"].as_f64().unwrap());
+    }
+    // Every round's spool is removed; the directory given stays.
+    assert_eq!(std::fs::read_dir(&spool_dir).unwrap().count(), 0);
+}

@@ -1,5 +1,6 @@
 //! `jetsink bench`, many producers into one stream: sinks with their own connections against as many fire-and-forget connections, every run read back and audited; the same on a 3-node cluster with an R3 stream; send-to-receipt latency at a low rate beside the serial ack.
 
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
@@ -27,6 +28,8 @@ const AUDIT_READ_TIMEOUT: Duration = Duration::from_secs(120);
 const REFERENCE_QUIET: Duration = Duration::from_secs(2);
 /// Name of the low-rate run, for `--only`.
 const LOW_RATE_ROW: &str = "jetsink low rate";
+/// Producer counts of the spooled rows (`--spool`).
+const SPOOL_PRODUCERS: [usize; 2] = [1, 4];
 
 /// What reading a many-producer row's stream back found.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -155,6 +158,14 @@ fn producers_row(count: usize) -> String {
     format!("jetsink {count} producer{}", plural(count))
 }
 
+/// The name of the spooled row with `count` producers, without the allocator.
+fn spooled_row(count: usize) -> String {
+    format!(
+        "jetsink spooled, {count} producer{} on one sink",
+        plural(count)
+    )
+}
+
 /// `n` split into `parts` nearly equal shares, the larger ones first.
 fn shares(n: usize, parts: usize) -> impl Iterator<Item = usize> {
     (0..parts).map(move |p| n / parts + usize::from(p < n % parts))
@@ -246,6 +257,8 @@ struct ProducerRun {
     /// Every event it sent, in send order: message id and the sequence its receipt named.
     outcomes: Vec<(String, Option<u64>)>,
     errors: Vec<String>,
+    /// How long each `send` took, in nanoseconds.
+    sends: Vec<u64>,
 }
 
 impl Bench {
@@ -362,23 +375,47 @@ impl Bench {
 
     /// `count` sinks, each with its own connection, send their shares of `n` into one stream at
     /// once; every receipt awaited; then the stream is read back and audited.
+    ///
+    /// With `spool`, one sink with a fresh spool in that directory (removed after) serves all
+    /// `count` producers: their appends share the group commits, as a service's would.
     async fn producers(
         &mut self,
         count: usize,
         n: usize,
         reasons: &mut Vec<String>,
+        spool: Option<&Path>,
     ) -> anyhow::Result<Row> {
         let (stream, subject) = self.fresh_stream("multi", true).await?;
         let round = self.round;
         let mut sinks: Vec<(JetStreamSink, Vec<(String, CloudEvent)>)> = Vec::with_capacity(count);
-        for (p, share) in shares(n, count).enumerate() {
-            let config = producer_config(self, p, &stream, &subject, share);
-            let sink = SinkBuilder::from_config(config)
-                .connect()
-                .await
-                .with_context(|| format!("connecting producer {p}'s sink"))?;
-            sinks.push((sink, producer_events(round, p, share)));
-        }
+        let spool_dir = match spool {
+            Some(dir) => {
+                let dir = dir.join(format!("round-{round}"));
+                // A directory left by an interrupted run would be replayed into this stream.
+                let _ = std::fs::remove_dir_all(&dir);
+                let mut config = producer_config(self, 0, &stream, &subject, n);
+                config.spool = Some(dir.clone());
+                let sink = SinkBuilder::from_config(config)
+                    .connect()
+                    .await
+                    .context("connecting the spooled sink")?;
+                for (p, share) in shares(n, count).enumerate() {
+                    sinks.push((sink.clone(), producer_events(round, p, share)));
+                }
+                Some(dir)
+            }
+            None => {
+                for (p, share) in shares(n, count).enumerate() {
+                    let config = producer_config(self, p, &stream, &subject, share);
+                    let sink = SinkBuilder::from_config(config)
+                        .connect()
+                        .await
+                        .with_context(|| format!("connecting producer {p}'s sink"))?;
+                    sinks.push((sink, producer_events(round, p, share)));
+                }
+                None
+            }
+        };
         let cpu = Cpu::start(&self.server_pids);
         let start = Instant::now();
         let tasks: Vec<_> = sinks
@@ -388,9 +425,13 @@ impl Bench {
                 let events = std::mem::take(events);
                 tokio::spawn(async move {
                     let mut pendings = Vec::with_capacity(events.len());
+                    let mut sends = Vec::with_capacity(events.len());
                     let mut errors = Vec::new();
                     for (id, event) in events {
-                        match sink.send(event).await {
+                        let t = Instant::now();
+                        let sent = sink.send(event).await;
+                        sends.push(t.elapsed().as_nanos() as u64);
+                        match sent {
                             Ok(pending) => pendings.push((id, pending)),
                             Err(e) => {
                                 // The rest is not sent: the audit expects what was accepted.
@@ -420,6 +461,7 @@ impl Bench {
                         finished: start.elapsed(),
                         outcomes,
                         errors,
+                        sends,
                     }
                 })
             })
@@ -436,6 +478,7 @@ impl Bench {
             .as_secs_f64();
         let submitted = runs.iter().map(|r| r.submitted).max().unwrap_or_default();
         let cpu = cpu.stop();
+        let mut sends: Vec<u64> = runs.iter().flat_map(|r| r.sends.iter().copied()).collect();
 
         let mut mechanisms = Vec::with_capacity(count);
         let mut errors: Vec<String> = runs.iter().flat_map(|r| r.errors.clone()).collect();
@@ -457,6 +500,9 @@ impl Bench {
                     reasons.push(reason);
                 }
             }
+            if spool_dir.is_some() && p > 0 {
+                continue; // one sink for all: closed once
+            }
             let report = sink.close(Duration::from_secs(10)).await;
             if !report.complete() {
                 errors.push(format!(
@@ -464,6 +510,14 @@ impl Bench {
                     report.not_delivered.len()
                 ));
             }
+            if let Some(left) = sink.health().spool.map(|s| s.spool.records) {
+                if left > 0 {
+                    errors.push(format!("{left} records left in the spool after close"));
+                }
+            }
+        }
+        if let Some(dir) = &spool_dir {
+            let _ = std::fs::remove_dir_all(dir);
         }
         let expected: Vec<Expected> = runs
             .iter()
@@ -479,13 +533,22 @@ impl Bench {
             Err(e) => Audit::Failed(format!("could not read the stream back: {e:#}")),
         };
         self.drop_stream(&stream).await;
-        let name = format!("{} [{ALLOCATOR}]", producers_row(count));
+        let name = if spool_dir.is_some() {
+            format!("{} [{ALLOCATOR}]", spooled_row(count))
+        } else {
+            format!("{} [{ALLOCATOR}]", producers_row(count))
+        };
         if let Audit::Failed(why) = &audit {
             eprintln!("bench: AUDIT FAIL {name}, round {round}: {why}");
         }
         let mut row = Row::new(name, n, secs, submitted.as_secs_f64(), cpu, true);
         row.audit = Some(audit);
-        row.mechanism = Some(count_mechanisms(&mechanisms));
+        row.mechanism = Some(if spool_dir.is_some() {
+            format!("{} + spool", mechanisms.first().map_or("", String::as_str))
+        } else {
+            count_mechanisms(&mechanisms)
+        });
+        row.send = Some(percentiles(&mut sends));
         Ok(row)
     }
 
@@ -601,35 +664,63 @@ fn judge(expected: &[Expected], stored: &[StoredMessage], n: usize, errors: &[St
 }
 
 /// The many-producer rows of `args.producers` in `rounds` interleaved rounds: per count, the
-/// reference with as many connections, then the sinks.
+/// reference with as many connections, then the sinks; with `spool`, also the spooled rows of
+/// [`SPOOL_PRODUCERS`] after the sinks of their count (with their own reference when that count
+/// is not in `args.producers`).
 pub(super) async fn section(
     bench: &mut Bench,
     args: &BenchArgs,
     rounds: usize,
     title: String,
+    spool: bool,
     progress: &dyn Fn(&str),
 ) -> anyhow::Result<Section> {
-    let counts: Vec<usize> = args
+    let mut plan: Vec<(usize, bool, bool)> = args
         .producers
         .iter()
         .copied()
         .filter(|&c| c > 0 && selected(args, &producers_row(c)))
+        .map(|c| (c, true, false))
         .collect();
+    if spool {
+        for count in SPOOL_PRODUCERS {
+            if !selected(args, &spooled_row(count)) {
+                continue;
+            }
+            match plan.iter_mut().find(|(c, ..)| *c == count) {
+                Some(entry) => entry.2 = true,
+                None => plan.push((count, false, true)),
+            }
+        }
+        plan.sort_by_key(|(c, ..)| *c);
+    }
     let mut section = Section {
         title,
         rows: Vec::new(),
         low_rate: None,
         reasons: Vec::new(),
     };
-    if counts.is_empty() {
+    if plan.is_empty() {
         return Ok(section);
     }
+    // Where each count's reference sits in a round.
+    let mut at = Vec::with_capacity(plan.len());
+    let mut next = 0;
+    for &(_, memory, spooled) in &plan {
+        at.push(next);
+        next += 1 + usize::from(memory) + usize::from(spooled);
+    }
     // Reference rows show their ratio to the 1-connection reference when it runs.
-    let single_ref = counts.iter().position(|&c| c == 1).map(|i| 2 * i);
+    let single_ref = plan.iter().position(|&(c, ..)| c == 1).map(|i| at[i]);
+    let spool_root = if plan.iter().any(|&(_, _, s)| s) {
+        Some(SpoolRoot::new(args)?)
+    } else {
+        None
+    };
     let mut all: Vec<Vec<Row>> = Vec::with_capacity(rounds);
     for round in 1..=rounds {
-        let mut rows = Vec::with_capacity(2 * counts.len());
-        for (i, &count) in counts.iter().enumerate() {
+        let mut rows = Vec::with_capacity(next);
+        for (i, &(count, memory, spooled)) in plan.iter().enumerate() {
             progress(&format!(
                 "{}: round {round}/{rounds}: reference x{count} connection{}, {} events",
                 bench.place(),
@@ -637,24 +728,70 @@ pub(super) async fn section(
                 args.events
             ));
             let mut reference = bench.reference_connections(count, args.events).await?;
-            reference.base = single_ref.unwrap_or(2 * i);
+            reference.base = single_ref.unwrap_or(at[i]);
             rows.push(reference);
-            progress(&format!(
-                "{}: round {round}/{rounds}: {}, {} events",
-                bench.place(),
-                producers_row(count),
-                args.events
-            ));
-            let mut row = bench
-                .producers(count, args.events, &mut section.reasons)
-                .await?;
-            row.base = 2 * i;
-            rows.push(row);
+            let spool_dir = spool_root.as_ref().map(|r| r.path.clone());
+            let runs = [
+                (memory, producers_row(count), None),
+                (spooled, spooled_row(count), spool_dir),
+            ];
+            for (wanted, name, dir) in runs {
+                if !wanted {
+                    continue;
+                }
+                progress(&format!(
+                    "{}: round {round}/{rounds}: {name}, {} events",
+                    bench.place(),
+                    args.events
+                ));
+                let mut row = bench
+                    .producers(count, args.events, &mut section.reasons, dir.as_deref())
+                    .await?;
+                row.base = at[i];
+                rows.push(row);
+            }
         }
         all.push(rows);
     }
     section.rows = summarize(&all);
     Ok(section)
+}
+
+/// Where the spooled rows keep their spools: `--spool-dir`, or a fresh directory under the
+/// system temp directory, removed at the end.
+struct SpoolRoot {
+    path: PathBuf,
+    remove: bool,
+}
+
+impl SpoolRoot {
+    fn new(args: &BenchArgs) -> anyhow::Result<SpoolRoot> {
+        match &args.spool_dir {
+            Some(dir) => {
+                std::fs::create_dir_all(dir)
+                    .with_context(|| format!("creating {}", dir.display()))?;
+                Ok(SpoolRoot {
+                    path: dir.clone(),
+                    remove: false,
+                })
+            }
+            None => {
+                let path = std::env::temp_dir()
+                    .join(format!("jetsink-bench-spool-{}", std::process::id()));
+                std::fs::create_dir_all(&path)
+                    .with_context(|| format!("creating {}", path.display()))?;
+                Ok(SpoolRoot { path, remove: true })
+            }
+        }
+    }
+}
+
+impl Drop for SpoolRoot {
+    fn drop(&mut self) {
+        if self.remove {
+            let _ = std::fs::remove_dir_all(&self.path);
+        }
+    }
 }
 
 /// The low-rate latency run unless skipped, against `serial` (round trips measured on the same
@@ -734,7 +871,15 @@ pub(super) async fn cluster(
             .join("/"),
         args.cluster_rounds
     );
-    let mut section = section(&mut bench, args, args.cluster_rounds, title, progress).await?;
+    let mut section = section(
+        &mut bench,
+        args,
+        args.cluster_rounds,
+        title,
+        false,
+        progress,
+    )
+    .await?;
     if args.low_rate_secs > 0 && args.low_rate > 0 && selected(args, LOW_RATE_ROW) {
         progress(&format!(
             "cluster: serial ack round trip, {CLUSTER_SERIAL_EVENTS} events"
@@ -803,7 +948,7 @@ impl Section {
             .unwrap_or(0)
             .max(4);
         println!(
-            "{:<width$}  {:>8}  {:>8}  {:>10}  {:>19}  {:>8}  {:>9}  {:>9}  {:>5}  mechanism / notes",
+            "{:<width$}  {:>8}  {:>8}  {:>10}  {:>19}  {:>8}  {:>9}  {:>9}  {:>15}  {:>5}  mechanism / notes",
             "row",
             "events",
             "secs",
@@ -812,9 +957,10 @@ impl Section {
             "submit %",
             "cpu us/ev",
             "srv us/ev",
+            "send p50/p99 us",
             "audit"
         );
-        println!("{}", "-".repeat(width + 110));
+        println!("{}", "-".repeat(width + 127));
         let spread = |s: Option<Spread>| {
             s.map_or_else(String::new, |s| {
                 format!("{:.2}x ({:.2}-{:.2})", s.median, s.min, s.max)
@@ -822,8 +968,11 @@ impl Section {
         };
         for r in &self.rows {
             let per_event = |secs: f64| format!("{:.2}", secs * 1e6 / r.events.max(1) as f64);
+            let send = r
+                .send
+                .map_or_else(String::new, |l| format!("{:.1} / {:.1}", l.p50, l.p99));
             println!(
-                "{:<width$}  {:>8}  {:>8.2}  {:>10.0}  {:>19}  {:>7.0}%  {:>9}  {:>9}  {:>5}  {}",
+                "{:<width$}  {:>8}  {:>8.2}  {:>10.0}  {:>19}  {:>7.0}%  {:>9}  {:>9}  {:>15}  {:>5}  {}",
                 r.name,
                 r.events,
                 r.secs,
@@ -832,6 +981,7 @@ impl Section {
                 100.0 * r.submit_secs / r.secs.max(1e-9),
                 per_event(r.cpu.client),
                 r.cpu.server.map_or_else(|| "-".into(), per_event),
+                send,
                 r.audit.as_ref().map_or("", Audit::label),
                 r.mechanism.as_deref().unwrap_or("")
             );
@@ -839,6 +989,14 @@ impl Section {
         println!(
             "target: every jetsink row >= 0.90x the reference with as many connections, audit ok"
         );
+        if self
+            .rows
+            .iter()
+            .any(|r| r.name.starts_with("jetsink spooled"))
+        {
+            println!("spooled rows (issue #12): >= 0.5x the reference with as many connections (stretch 0.8x); one sink with a local spool shared by the producers (one connection), each `send` returns once its event is fdatasync'd (group commit), every round audited");
+        }
+        println!("send p50/p99: time in `send` over every producer's sends of the median round (in memory: enqueueing; spooled: until the event is durable on disk)");
         println!("vs ref: jetsink rows to the reference with as many connections in the same round; reference rows to the 1-connection reference");
         println!("audit: the stream read back; every event stored once, each producer's in send order, at its receipt's sequence (lane receipts name none)");
         println!("mechanism: delivery mechanism of the producers' sinks at the end of the run, counted (health().mechanism; with per-event acks the ordering mode)");
@@ -874,6 +1032,7 @@ impl Section {
                     Audit::Failed(why) => serde_json::json!({ "failed": why }),
                 }),
                 "mechanism": r.mechanism,
+                "send_latency_us": r.send.as_ref().map(latency),
             })).collect::<Vec<_>>(),
             "ordering_reasons": self.reasons,
             "low_rate": self.low_rate.as_ref().map(|l| serde_json::json!({
