@@ -24,7 +24,7 @@ use crate::handle::{
 };
 use crate::provision::{check_stream, Provisioner};
 use crate::server_url::redacted_servers;
-use crate::spool::{DiskSpool, RecordSeq, Replay, SpoolConfig, SpoolError};
+use crate::spool::{DiskSpool, Durability, RecordSeq, Replay, SpoolConfig, SpoolError};
 use crate::subjects::Subjects;
 use crate::transport::Transport;
 use crate::wire::worst_case_wire_size;
@@ -97,31 +97,49 @@ impl JetStreamSink {
     /// Each event gets a `jetsink.event` tracing span (level DEBUG) carrying its CloudEvent id,
     /// source and type; the driver's per-event records (transmit, retry, delivered with the stream
     /// sequence, rejected, not delivered) are emitted inside it.
+    ///
+    /// With a [spool](SinkBuilder::spool), accepted means durable on local disk: `send` returns
+    /// once the event's record is fdatasync'd. One fdatasync takes about as long as a broker
+    /// round trip, so a producer that needs speed keeps several sends in flight at once (for
+    /// example with `futures::stream::FuturesOrdered`): sends polled in order keep their order,
+    /// and every record appended during one fdatasync shares the next.
     pub async fn send(&self, event: CloudEvent) -> Result<Pending, EmitError> {
         let span = event_span(&event);
         let (message, event_id) = self.prepare(&event)?;
         let started = clock::now();
         let permits = self.admit(message.size()).instrument(span.clone()).await?;
-        let spool_seq = match &self.inner.spool {
-            Some(spool) => Some(
-                self.spool_append(spool, &message, &event_id, started)
-                    .instrument(span.clone())
-                    .await?,
-            ),
-            None => None,
+        let Some(spool) = &self.inner.spool else {
+            return self.enqueue(message, event_id, permits, span, None);
         };
-        self.enqueue(message, event_id, permits, span, spool_seq)
+        // The event takes its place in the spool and in the delivery queue in one step (no
+        // await between), so sends of one task that are in flight together keep their order in
+        // both; then `send` waits until the record is durable. Those sends share fdatasyncs.
+        let durability = self
+            .spool_submit(spool, &message, &event_id, started)
+            .instrument(span.clone())
+            .await?;
+        let pending = self.enqueue(
+            message,
+            event_id.clone(),
+            permits,
+            span,
+            Some(durability.seq()),
+        )?;
+        durability
+            .await
+            .map_err(|error| EmitError::Spool { event_id, error })?;
+        Ok(pending)
     }
 
-    /// Writes the event to the spool and waits until it is durable there. A full spool is
-    /// waited out (or not) as a full queue is, per [`WhenFull`].
-    async fn spool_append(
+    /// Gives the event its place in the spool (its record is written with the next group
+    /// commit). A full spool is waited out (or not) as a full queue is, per [`WhenFull`].
+    async fn spool_submit(
         &self,
         spool: &DiskSpool,
         message: &Message,
         event_id: &str,
         started: std::time::Instant,
-    ) -> Result<RecordSeq, EmitError> {
+    ) -> Result<Durability, EmitError> {
         let payload = SpooledEvent {
             message: message.clone(),
             event_id: event_id.to_owned(),
@@ -141,8 +159,8 @@ impl JetStreamSink {
             WhenFull::Reject => started,
         };
         loop {
-            match spool.append(&payload).await {
-                Ok(seq) => return Ok(seq),
+            match spool.submit(&payload).await {
+                Ok(durability) => return Ok(durability),
                 Err(SpoolError::Full { .. }) if clock::now() < deadline => {
                     // Room comes back as the broker acks what the spool holds.
                     tokio::time::sleep(SPOOL_FULL_RETRY).await;
