@@ -73,7 +73,7 @@ pub use facts::{
 pub use handle::{BatchReceipt, BreakerStatus, CloseReport, Health, Mechanism, Receipt};
 pub use secret::Secret;
 pub use server_url::{redact_url, ServerUrl, UrlError};
-pub use sink::{EventSink, JetStreamSink, Pending, SinkBuilder};
+pub use sink::{Durable, EventSink, JetStreamSink, Pending, SinkBuilder, Staged};
 pub use sink_core;
 pub use sink_core::encoding::Encoding;
 pub use sink_core::outbox::{BreakerOpenPolicy, OrderingMode};

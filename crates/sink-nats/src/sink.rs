@@ -44,6 +44,39 @@ impl Future for Pending {
     }
 }
 
+/// An event [`JetStreamSink::stage`] has queued, in call order, but whose spool record may not be
+/// on disk yet: `durable` resolves when it is (at once without a spool); `pending` resolves
+/// when the stream has stored the event.
+#[derive(Debug)]
+pub struct Staged {
+    /// Resolves once the event is durable in the spool: only then is it accepted.
+    pub durable: Durable,
+    /// The event's outcome.
+    pub pending: Pending,
+}
+
+/// Resolves once a staged event is durable in the spool (see [`Staged`]).
+#[derive(Debug)]
+#[must_use = "a staged event is accepted only once this resolves"]
+pub struct Durable {
+    inner: Option<(Durability, String)>,
+}
+
+impl Future for Durable {
+    type Output = Result<(), EmitError>;
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let Some((durability, event_id)) = self.inner.as_mut() else {
+            return Poll::Ready(Ok(()));
+        };
+        Pin::new(durability).poll(cx).map(|r| {
+            r.map(drop).map_err(|error| EmitError::Spool {
+                event_id: event_id.clone(),
+                error,
+            })
+        })
+    }
+}
+
 /// A durable, ordered CloudEvent sink into one JetStream stream.
 ///
 /// Cheap to clone; all clones feed the same driver task. See the crate docs for an example.
@@ -99,36 +132,62 @@ impl JetStreamSink {
     /// sequence, rejected, not delivered) are emitted inside it.
     ///
     /// With a [spool](SinkBuilder::spool), accepted means durable on local disk: `send` returns
-    /// once the event's record is fdatasync'd. One fdatasync takes about as long as a broker
-    /// round trip, so a producer that needs speed keeps several sends in flight at once (for
-    /// example with `futures::stream::FuturesOrdered`): sends polled in order keep their order,
-    /// and every record appended during one fdatasync shares the next.
+    /// once the event's record is fdatasync'd, about a broker round trip. A producer that needs
+    /// speed [`stage`](Self::stage)s events one after another and awaits their durability in a
+    /// window: every record staged during one fdatasync shares the next. (Sends polled
+    /// concurrently, as in `FuturesOrdered`, are not ordered among themselves.)
     pub async fn send(&self, event: CloudEvent) -> Result<Pending, EmitError> {
         let span = event_span(&event);
         let (message, event_id) = self.prepare(&event)?;
         let started = clock::now();
+        let staged = self.stage_prepared(message, event_id, span, started).await?;
+        staged.durable.await?;
+        Ok(staged.pending)
+    }
+
+    /// Queues one event, in call order, without waiting for its spool record to reach the disk:
+    /// for a producer that keeps many events in flight through a spooled sink. Each `stage`
+    /// returns once the event has its place in the spool and in the delivery queue (awaited one
+    /// after another they keep their order); [`Staged::durable`] resolves when the record is
+    /// fdatasync'd (every record staged during one fdatasync shares the next), and only then is
+    /// the event accepted. Without a spool it is [`send`](Self::send) with `durable` ready at
+    /// once. If `durable` fails, the event was not accepted (it may still be delivered: sending
+    /// it again is deduplicated by its message id).
+    pub async fn stage(&self, event: CloudEvent) -> Result<Staged, EmitError> {
+        let span = event_span(&event);
+        let (message, event_id) = self.prepare(&event)?;
+        self.stage_prepared(message, event_id, span, clock::now()).await
+    }
+
+    async fn stage_prepared(
+        &self,
+        message: Message,
+        event_id: String,
+        span: tracing::Span,
+        started: std::time::Instant,
+    ) -> Result<Staged, EmitError> {
         let permits = self.admit(message.size()).instrument(span.clone()).await?;
         let Some(spool) = &self.inner.spool else {
-            return self.enqueue(message, event_id, permits, span, None);
+            let pending = self.enqueue(message, event_id, permits, span, None)?;
+            return Ok(Staged {
+                durable: Durable { inner: None },
+                pending,
+            });
         };
         // The event takes its place in the spool and in the delivery queue in one step (no
-        // await between), so sends of one task that are in flight together keep their order in
-        // both; then `send` waits until the record is durable. Those sends share fdatasyncs.
+        // await between), so both orders are the call order.
         let durability = self
             .spool_submit(spool, &message, &event_id, started)
             .instrument(span.clone())
             .await?;
-        let pending = self.enqueue(
-            message,
-            event_id.clone(),
-            permits,
-            span,
-            Some(durability.seq()),
-        )?;
-        durability
-            .await
-            .map_err(|error| EmitError::Spool { event_id, error })?;
-        Ok(pending)
+        let seq = durability.seq();
+        let pending = self.enqueue(message, event_id.clone(), permits, span, Some(seq))?;
+        Ok(Staged {
+            durable: Durable {
+                inner: Some((durability, event_id)),
+            },
+            pending,
+        })
     }
 
     /// Gives the event its place in the spool (its record is written with the next group

@@ -10,8 +10,8 @@ use sink_nats::sink_core::audit::SEQUENCE_NOT_REPORTED;
 use sink_nats::sink_core::capability::{fast_batch_supported, ServerVersion as Version};
 use sink_nats::sink_core::event::{CloudEvent, MsgId};
 use sink_nats::{
-    Batching, Health, JetStreamSink, Mechanism, OrderingKey, OrderingMode, SinkBuilder,
-    StreamPolicy, WhenFull,
+    Batching, Health, JetStreamSink, Mechanism, OrderingKey, OrderingMode, Pending, SinkBuilder,
+    Staged, StreamPolicy, WhenFull,
 };
 use sink_testkit::{Cluster, ServerVersion};
 
@@ -28,6 +28,26 @@ const AUDIT_READ_TIMEOUT: Duration = Duration::from_secs(120);
 const REFERENCE_QUIET: Duration = Duration::from_secs(2);
 /// Name of the low-rate run, for `--only`.
 const LOW_RATE_ROW: &str = "jetsink low rate";
+/// Waits for a staged event's durability and files it as accepted (or refused).
+async fn accept(
+    id: String,
+    staged_at: Instant,
+    staged: Staged,
+    sends: &mut Vec<u64>,
+    pendings: &mut Vec<(String, Pending)>,
+    errors: &mut Vec<String>,
+) {
+    let durable = staged.durable.await;
+    sends.push(staged_at.elapsed().as_nanos() as u64);
+    match durable {
+        Ok(()) => pendings.push((id, staged.pending)),
+        Err(e) => errors.push(format!("not durable {id}: {e}")),
+    }
+}
+
+/// Sends a producer of a spooled row keeps in flight.
+const SPOOLED_SENDS_IN_FLIGHT: usize = 256;
+
 /// Producer counts of the spooled rows (`--spool`).
 const SPOOL_PRODUCERS: [usize; 2] = [1, 4];
 
@@ -418,6 +438,13 @@ impl Bench {
         };
         let cpu = Cpu::start(&self.server_pids);
         let start = Instant::now();
+        // A spooled `send` returns once its record is fdatasync'd: a producer keeps this many in
+        // flight so they share syncs (polled in order, they keep their order; the audit checks).
+        let in_flight = if spool_dir.is_some() {
+            SPOOLED_SENDS_IN_FLIGHT
+        } else {
+            1
+        };
         let tasks: Vec<_> = sinks
             .iter_mut()
             .map(|(sink, events)| {
@@ -427,18 +454,39 @@ impl Bench {
                     let mut pendings = Vec::with_capacity(events.len());
                     let mut sends = Vec::with_capacity(events.len());
                     let mut errors = Vec::new();
+                    // Spooled: stage one event after another (that keeps their order) and
+                    // await their durability in a window, so they share fdatasyncs; a send's
+                    // time is from its stage to its durability.
+                    let mut window = std::collections::VecDeque::new();
                     for (id, event) in events {
                         let t = Instant::now();
-                        let sent = sink.send(event).await;
-                        sends.push(t.elapsed().as_nanos() as u64);
-                        match sent {
-                            Ok(pending) => pendings.push((id, pending)),
+                        if in_flight == 1 {
+                            let sent = sink.send(event).await;
+                            sends.push(t.elapsed().as_nanos() as u64);
+                            match sent {
+                                Ok(pending) => pendings.push((id, pending)),
+                                Err(e) => {
+                                    // The rest is not sent: the audit expects what was accepted.
+                                    errors.push(format!("send refused {id}: {e}"));
+                                    break;
+                                }
+                            }
+                            continue;
+                        }
+                        match sink.stage(event).await {
+                            Ok(staged) => window.push_back((id, t, staged)),
                             Err(e) => {
-                                // The rest is not sent: the audit expects what was accepted.
                                 errors.push(format!("send refused {id}: {e}"));
                                 break;
                             }
                         }
+                        if window.len() >= in_flight {
+                            let (id, t, staged) = window.pop_front().expect("a full window");
+                            accept(id, t, staged, &mut sends, &mut pendings, &mut errors).await;
+                        }
+                    }
+                    while let Some((id, t, staged)) = window.pop_front() {
+                        accept(id, t, staged, &mut sends, &mut pendings, &mut errors).await;
                     }
                     let submitted = start.elapsed();
                     let mut outcomes = Vec::with_capacity(pendings.len());
