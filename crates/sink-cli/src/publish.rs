@@ -16,7 +16,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use sink_core::event::{CloudEvent, EventError};
 use sink_nats::{
     Batching, EmitError, Encoding, Health, JetStreamSink, Mechanism, OrderingKey, OrderingMode,
-    Pending, SinkBuilder, StreamPolicy,
+    SinkBuilder, Staged, StreamPolicy,
 };
 use tokio::sync::mpsc;
 
@@ -255,7 +255,7 @@ pub async fn run(args: PublishArgs, common: &Common) -> anyhow::Result<ExitCode>
 
     let counts = Arc::new(Counts::default());
     let bar = progress_bar(total);
-    let (pending_tx, pending_rx) = mpsc::unbounded_channel::<(String, Pending)>();
+    let (pending_tx, pending_rx) = mpsc::unbounded_channel::<(String, Staged)>();
     let collector = tokio::spawn(collect(pending_rx, counts.clone(), bar.clone()));
     let started = Instant::now();
     let ticking = Arc::new(AtomicBool::new(true));
@@ -274,11 +274,13 @@ pub async fn run(args: PublishArgs, common: &Common) -> anyhow::Result<ExitCode>
                 Counts::bump(&counts.invalid);
                 Some(format!("{}: {problem}", item.label))
             }
-            Ok(event) => match sink.send(event).await {
-                Ok(pending) => {
+            // Staged in input order; with a spool the collector waits for each event's
+            // durability (shared fdatasyncs) while the next ones are staged.
+            Ok(event) => match sink.stage(event).await {
+                Ok(staged) => {
                     Counts::bump(&counts.sent);
                     // The collector outlives this loop, so the send cannot fail.
-                    let _ = pending_tx.send((item.label, pending));
+                    let _ = pending_tx.send((item.label, staged));
                     None
                 }
                 Err(e) => {
@@ -462,7 +464,7 @@ pub fn generated_event(source: &str, i: u64, tenants: u32) -> CloudEvent {
 
 /// Awaits every pending outcome and counts it; broker rejections are reported with their line.
 async fn collect(
-    mut rx: mpsc::UnboundedReceiver<(String, Pending)>,
+    mut rx: mpsc::UnboundedReceiver<(String, Staged)>,
     counts: Arc<Counts>,
     bar: ProgressBar,
 ) {
@@ -471,7 +473,12 @@ async fn collect(
     loop {
         tokio::select! {
             next = rx.recv(), if open => match next {
-                Some((label, p)) => pending.push(async move { (label, p.await) }),
+                Some((label, staged)) => pending.push(async move {
+                    match staged.durable.await {
+                        Ok(()) => (label, staged.pending.await),
+                        Err(e) => (label, Err(e)),
+                    }
+                }),
                 None => open = false,
             },
             Some((label, outcome)) = pending.next(), if !pending.is_empty() => match outcome {
@@ -481,7 +488,7 @@ async fn collect(
                         Counts::bump(&counts.duplicates);
                     }
                 }
-                Err(e @ EmitError::Rejected { .. }) => {
+                Err(e @ (EmitError::Rejected { .. } | EmitError::Spool { .. })) => {
                     Counts::bump(&counts.rejected);
                     bar.suspend(|| eprintln!("{label}: {}: {e}", emit_field(&e)));
                 }
