@@ -625,49 +625,6 @@ fn seen(msg: &async_nats::Message) -> Option<Seen> {
     })
 }
 
-/// Subscribes to everything on the server (one subscription, so publishes and replies come in
-/// the order the server forwarded them) and records the sinks' publishes and the replies to them
-/// until the returned sender fires.
-async fn observe_sink_traffic(
-    server: &NatsServer,
-) -> (
-    tokio::sync::oneshot::Sender<()>,
-    tokio::task::JoinHandle<Vec<Seen>>,
-) {
-    use futures::{FutureExt, StreamExt};
-
-    let client = server
-        .connect_options()
-        .subscription_capacity(1 << 20)
-        .connect(server.url())
-        .await
-        .expect("observer connect");
-    let mut all = client.subscribe(">").await.expect("subscribe to >");
-    client.flush().await.expect("the subscription is in place");
-    let (stop_tx, mut stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let task = tokio::spawn(async move {
-        let mut log = Vec::new();
-        loop {
-            tokio::select! {
-                msg = all.next() => match msg {
-                    Some(msg) => log.extend(seen(&msg)),
-                    None => break,
-                },
-                _ = &mut stop_rx => {
-                    // Everything the server sent before the flush's PONG is in the channel now.
-                    let _ = client.flush().await;
-                    while let Some(Some(msg)) = all.next().now_or_never() {
-                        log.extend(seen(&msg));
-                    }
-                    break;
-                }
-            }
-        }
-        log
-    });
-    (stop_tx, task)
-}
-
 /// What happened to one event on the wire.
 #[derive(Default)]
 struct EventTrace {
@@ -699,7 +656,10 @@ async fn ingest_overload(producers: usize, events: usize) -> Vec<JetStreamSink> 
         .create_stream(new_stream_config(STREAM, vec!["t.events.*.v1".into()]))
         .await
         .expect("create stream");
-    let (stop_observer, observer) = observe_sink_traffic(&server).await;
+    let (stop_observer, observer) = observe(&server, Vec::new(), |log: &mut Vec<Seen>, msg| {
+        log.extend(seen(msg))
+    })
+    .await;
 
     let mut sinks = Vec::with_capacity(producers);
     for p in 0..producers {

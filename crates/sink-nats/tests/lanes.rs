@@ -8,7 +8,6 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::*;
-use futures::{FutureExt, StreamExt};
 use sink_nats::{Batching, JetStreamSink, Mechanism, OrderingKey, SinkBuilder};
 use sink_testkit::{read_stream, Expected, NatsServer, ServerOptions, ServerVersion};
 
@@ -370,86 +369,6 @@ const MAX_BUFFERED_MSGS: u64 = 8;
 /// Events each producer sends under overload.
 const EVENTS_OVERLOADED: usize = 2_500;
 
-/// Whether `msg` is a 429 reply to a fast-batch publish (status 429, or the JSON error 10167).
-fn is_lane_429(msg: &async_nats::Message) -> bool {
-    msg.subject.ends_with(".$FI")
-        && (msg.status.map(|s| s.as_u16()) == Some(429)
-            || serde_json::from_slice::<serde_json::Value>(&msg.payload)
-                .is_ok_and(|v| v["error"]["code"] == 429 || v["error"]["err_code"] == 10167))
-}
-
-/// Fast-batch traffic seen by [`observe_lanes`].
-#[derive(Debug, Default)]
-struct LaneTraffic {
-    /// Event publishes with a fast-batch reply subject (first sends and re-sends).
-    publishes: usize,
-    /// Replies on fast-batch reply subjects.
-    replies: usize,
-    /// 429s among them.
-    too_many: usize,
-    /// The first 429: subject, status, body.
-    sample: Option<String>,
-}
-
-impl LaneTraffic {
-    fn count(&mut self, msg: &async_nats::Message) {
-        let to_lane = msg.reply.as_deref().is_some_and(|r| r.ends_with(".$FI"));
-        self.publishes += usize::from(msg.subject.starts_with("t.events.") && to_lane);
-        self.replies += usize::from(msg.subject.ends_with(".$FI"));
-        if is_lane_429(msg) {
-            self.too_many += 1;
-            self.sample.get_or_insert_with(|| {
-                format!(
-                    "{} status {:?} {:?}",
-                    msg.subject,
-                    msg.status,
-                    String::from_utf8_lossy(&msg.payload)
-                )
-            });
-        }
-    }
-}
-
-/// Subscribes to everything on `server` and counts fast-batch publishes and replies until the
-/// returned sender fires.
-async fn observe_lanes(
-    server: &NatsServer,
-) -> (
-    tokio::sync::oneshot::Sender<()>,
-    tokio::task::JoinHandle<LaneTraffic>,
-) {
-    let client = server
-        .connect_options()
-        .subscription_capacity(1 << 20)
-        .connect(server.url())
-        .await
-        .expect("observer connect");
-    let mut all = client.subscribe(">").await.expect("subscribe to >");
-    client.flush().await.expect("the subscription is in place");
-    let (stop_tx, mut stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let task = tokio::spawn(async move {
-        let mut seen = LaneTraffic::default();
-        loop {
-            tokio::select! {
-                msg = all.next() => match msg {
-                    Some(msg) => seen.count(&msg),
-                    None => break,
-                },
-                _ = &mut stop_rx => {
-                    // Everything the server sent before the flush's PONG is in the channel now.
-                    let _ = client.flush().await;
-                    while let Some(Some(msg)) = all.next().now_or_never() {
-                        seen.count(&msg);
-                    }
-                    break;
-                }
-            }
-        }
-        seen
-    });
-    (stop_tx, task)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn four_producers_through_ingest_overload_429_lose_nothing_on_2_15() {
     let server = NatsServer::start(ServerOptions {
@@ -458,7 +377,8 @@ async fn four_producers_through_ingest_overload_429_lose_nothing_on_2_15() {
     })
     .await
     .expect("start");
-    let (stop_observer, observer) = observe_lanes(&server).await;
+    let (stop_observer, observer) =
+        observe(&server, LaneTraffic::default(), LaneTraffic::count).await;
     let mut producers = Producers::start(&server.url(), 4, EVENTS_OVERLOADED, "o", |b| {
         b.reconnect(fast_reconnect())
     })

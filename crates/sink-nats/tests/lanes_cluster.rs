@@ -12,7 +12,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::*;
-use futures::StreamExt;
 use sink_core::event::{CloudEvent, MsgId};
 use sink_nats::{JetStreamSink, Mechanism, StreamPolicy, WhenFull};
 use sink_testkit::{Cluster, Expected, ServerOptions, ServerVersion};
@@ -621,74 +620,6 @@ async fn four_lane_producers_idle_past_the_batch_timeout_then_re_emit_on_a_2_15_
 /// four lanes pipelining their flow windows overflow it at once.
 const MAX_BUFFERED_MSGS: u64 = 8;
 
-/// Whether `msg` is a 429 reply to a fast-batch publish (status 429, or the JSON error 10167).
-fn is_lane_429(msg: &async_nats::Message) -> bool {
-    msg.subject.ends_with(".$FI")
-        && (msg.status.map(|s| s.as_u16()) == Some(429)
-            || serde_json::from_slice::<serde_json::Value>(&msg.payload)
-                .is_ok_and(|v| v["error"]["code"] == 429 || v["error"]["err_code"] == 10167))
-}
-
-/// Fast-batch traffic seen by [`observe_lanes`].
-#[derive(Debug, Default)]
-struct LaneTraffic {
-    /// Event publishes with a fast-batch reply subject (first sends and re-sends).
-    publishes: usize,
-    /// Replies on fast-batch reply subjects.
-    replies: usize,
-    /// 429s among them.
-    too_many: usize,
-    /// The first 429: subject, status, body.
-    sample: Option<String>,
-}
-
-/// Subscribes to everything through `node` and counts fast-batch publishes and replies until
-/// the returned sender fires.
-async fn observe_lanes(
-    node: &sink_testkit::NatsServer,
-) -> (
-    tokio::sync::oneshot::Sender<()>,
-    tokio::task::JoinHandle<LaneTraffic>,
-) {
-    let client = node
-        .connect_options()
-        .subscription_capacity(1 << 20)
-        .connect(node.url())
-        .await
-        .expect("observer connect");
-    let mut all = client.subscribe(">").await.expect("subscribe to >");
-    client.flush().await.expect("the subscription is in place");
-    let (stop_tx, mut stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let task = tokio::spawn(async move {
-        let mut seen = LaneTraffic::default();
-        loop {
-            tokio::select! {
-                msg = all.next() => match msg {
-                    Some(msg) => {
-                        let to_lane = msg.reply.as_deref().is_some_and(|r| r.ends_with(".$FI"));
-                        seen.publishes += usize::from(msg.subject.starts_with("t.events.") && to_lane);
-                        seen.replies += usize::from(msg.subject.ends_with(".$FI"));
-                        if is_lane_429(&msg) {
-                            seen.too_many += 1;
-                            seen.sample.get_or_insert_with(|| format!(
-                                "{} status {:?} {:?}",
-                                msg.subject,
-                                msg.status,
-                                String::from_utf8_lossy(&msg.payload)
-                            ));
-                        }
-                    }
-                    None => break,
-                },
-                _ = &mut stop_rx => break,
-            }
-        }
-        drop(client);
-        seen
-    });
-    (stop_tx, task)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn four_lane_producers_through_ingest_overload_429_on_a_2_15_cluster() {
     let _one = exclusive().await;
@@ -699,7 +630,8 @@ async fn four_lane_producers_through_ingest_overload_429_on_a_2_15_cluster() {
     .await
     .expect("start cluster");
     create_r3_batched_stream(&cluster).await;
-    let (stop_observer, observer) = observe_lanes(cluster.node(0)).await;
+    let (stop_observer, observer) =
+        observe(cluster.node(0), LaneTraffic::default(), LaneTraffic::count).await;
     let urls = cluster.urls().join(",");
     // The overload lasts the whole run: every send is "after the fault".
     let fault = Arc::new(AtomicBool::new(true));

@@ -184,3 +184,85 @@ pub fn duplicate_acks(sent: &[Sent]) -> usize {
         .filter(|s| s.outcome.as_ref().is_ok_and(|r| r.duplicate))
         .count()
 }
+
+/// Subscribes to everything on `server` (a client of its own) and hands every message to `see`
+/// until the returned sender fires; then drains what the server sent before a final flush and
+/// returns the state.
+pub async fn observe<T: Send + 'static>(
+    server: &NatsServer,
+    mut state: T,
+    mut see: impl FnMut(&mut T, &async_nats::Message) + Send + 'static,
+) -> (tokio::sync::oneshot::Sender<()>, tokio::task::JoinHandle<T>) {
+    use futures::{FutureExt, StreamExt};
+
+    let client = server
+        .connect_options()
+        .subscription_capacity(1 << 20)
+        .connect(server.url())
+        .await
+        .expect("observer connect");
+    let mut all = client.subscribe(">").await.expect("subscribe to >");
+    client.flush().await.expect("the subscription is in place");
+    let (stop_tx, mut stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                msg = all.next() => match msg {
+                    Some(msg) => see(&mut state, &msg),
+                    None => break,
+                },
+                _ = &mut stop_rx => {
+                    // Everything the server sent before the flush's PONG is in the channel now.
+                    let _ = client.flush().await;
+                    while let Some(Some(msg)) = all.next().now_or_never() {
+                        see(&mut state, &msg);
+                    }
+                    break;
+                }
+            }
+        }
+        state
+    });
+    (stop_tx, task)
+}
+
+/// Whether `msg` is a 429 reply to a fast-batch publish (status 429, or the JSON error 10167).
+pub fn is_lane_429(msg: &async_nats::Message) -> bool {
+    msg.subject.ends_with(".$FI")
+        && (msg.status.map(|s| s.as_u16()) == Some(429)
+            || serde_json::from_slice::<serde_json::Value>(&msg.payload)
+                .is_ok_and(|v| v["error"]["code"] == 429 || v["error"]["err_code"] == 10167))
+}
+
+/// Fast-batch traffic seen by an [`observe`]r counting with [`LaneTraffic::count`].
+#[derive(Debug, Default)]
+pub struct LaneTraffic {
+    /// Event publishes with a fast-batch reply subject (first sends and re-sends).
+    pub publishes: usize,
+    /// Replies on fast-batch reply subjects.
+    pub replies: usize,
+    /// 429s among them.
+    pub too_many: usize,
+    /// The first 429: subject, status, body.
+    pub sample: Option<String>,
+}
+
+impl LaneTraffic {
+    /// Counts one message seen on the server.
+    pub fn count(&mut self, msg: &async_nats::Message) {
+        let to_lane = msg.reply.as_deref().is_some_and(|r| r.ends_with(".$FI"));
+        self.publishes += usize::from(msg.subject.starts_with("t.events.") && to_lane);
+        self.replies += usize::from(msg.subject.ends_with(".$FI"));
+        if is_lane_429(msg) {
+            self.too_many += 1;
+            self.sample.get_or_insert_with(|| {
+                format!(
+                    "{} status {:?} {:?}",
+                    msg.subject,
+                    msg.status,
+                    String::from_utf8_lossy(&msg.payload)
+                )
+            });
+        }
+    }
+}
