@@ -140,7 +140,9 @@ impl JetStreamSink {
         let span = event_span(&event);
         let (message, event_id) = self.prepare(&event)?;
         let started = clock::now();
-        let staged = self.stage_prepared(message, event_id, span, started).await?;
+        let staged = self
+            .stage_prepared(message, event_id, span, started)
+            .await?;
         staged.durable.await?;
         Ok(staged.pending)
     }
@@ -156,7 +158,8 @@ impl JetStreamSink {
     pub async fn stage(&self, event: CloudEvent) -> Result<Staged, EmitError> {
         let span = event_span(&event);
         let (message, event_id) = self.prepare(&event)?;
-        self.stage_prepared(message, event_id, span, clock::now()).await
+        self.stage_prepared(message, event_id, span, clock::now())
+            .await
     }
 
     async fn stage_prepared(
