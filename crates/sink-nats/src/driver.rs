@@ -35,8 +35,8 @@ use crate::config::{SinkConfig, StreamPolicy};
 use crate::engine::{choose, Engine, Out};
 use crate::error::EmitError;
 use crate::handle::{
-    permit_count, BatchReceipt, BreakerStatus, CloseReport, Command, Mechanism, Permits, Receipt,
-    Shared, SPOOL_CLOSE_MARK,
+    BatchReceipt, BreakerStatus, CloseReport, Command, Mechanism, Permits, Receipt, Shared,
+    SPOOL_CLOSE_MARK,
 };
 use crate::lanes::{batch_answer, LaneSet};
 use crate::metrics as m;
@@ -61,10 +61,6 @@ pub(crate) struct Started<T> {
     /// The sink's spool and what an earlier process left in it, when configured.
     pub spool: Option<(DiskSpool, Replay)>,
 }
-
-/// The queue's two bounds (events, bytes), shared with `send`: replayed events take their room
-/// too.
-pub(crate) type QueueRoom = (Arc<Semaphore>, Arc<Semaphore>);
 
 /// How long the driver waits before repeating a deferred stream check that failed.
 const STREAM_RECHECK: Duration = Duration::from_secs(1);
@@ -123,8 +119,9 @@ struct Driver<T: Transport> {
     replay_next: Option<(RecordSeq, SpooledEvent)>,
     /// Events `send` accepted while the replay runs: queued after it, in order.
     deferred: VecDeque<Command>,
-    /// The queue's bounds, for replayed events.
-    room: QueueRoom,
+    /// Stands in for the queue permits of replayed events (unbounded: the delivery machine's
+    /// own bound limits the replay).
+    replay_room: Arc<Semaphore>,
 }
 
 /// Starts the driver task of one sink.
@@ -133,7 +130,6 @@ pub(crate) fn spawn<T: Transport>(
     started: Started<T>,
     commands: mpsc::UnboundedReceiver<Command>,
     shared: Arc<Shared>,
-    room: QueueRoom,
 ) {
     let outbox = Outbox::new(config.outbox_config()).expect("validated in start");
     let reserve = config.max_events.min(sink_core::outbox::RESERVE_LIMIT);
@@ -173,7 +169,7 @@ pub(crate) fn spawn<T: Transport>(
         replay: started.spool.map(|(_, replay)| replay),
         replay_next: None,
         deferred: VecDeque::new(),
-        room,
+        replay_room: Arc::new(Semaphore::new(Semaphore::MAX_PERMITS)),
     };
     match started.checked {
         Some(checked) => driver.stream_known(checked.replicas, Some(checked.allow_batched)),
@@ -190,7 +186,13 @@ impl<T: Transport> Driver<T> {
         loop {
             self.handle_due_deadlines().await;
             self.feed_replay();
-            self.drain_outputs().await;
+            // Deliveries among the outputs make room for more of the replay.
+            loop {
+                self.drain_outputs().await;
+                if !self.feed_replay() {
+                    break;
+                }
+            }
             self.publish_state();
             if self.close_is_done() {
                 break;
@@ -256,7 +258,12 @@ impl<T: Transport> Driver<T> {
     /// events `send` accepted meanwhile wait behind it. Each replayed event is delivered with its
     /// original message id (a copy the broker stored before the crash is a duplicate there) and
     /// acknowledged in the spool once it has an outcome.
-    fn feed_replay(&mut self) {
+    /// Whether anything was queued.
+    ///
+    /// Replayed events take room in the delivery machine, not queue permits: `send`s waiting
+    /// behind the replay already hold those, and would otherwise starve it.
+    fn feed_replay(&mut self) -> bool {
+        let mut fed = false;
         while self.replay.is_some() && self.closing.is_none() {
             if self.replay_next.is_none() {
                 self.replay_next = self.next_replayed();
@@ -269,16 +276,14 @@ impl<T: Transport> Driver<T> {
             };
             let size = spooled.message.size();
             let permits = match (
-                self.room.0.clone().try_acquire_owned(),
-                self.room
-                    .1
-                    .clone()
-                    .try_acquire_many_owned(permit_count(size)),
+                self.engine.has_room(size),
+                self.replay_room.clone().try_acquire_owned(),
+                self.replay_room.clone().try_acquire_owned(),
             ) {
-                (Ok(event), Ok(bytes)) => Permits { event, bytes },
+                (true, Ok(event), Ok(bytes)) => Permits { event, bytes },
                 _ => {
                     self.replay_next = Some((seq, spooled));
-                    return; // no room yet: deliveries make some
+                    return fed; // no room yet: deliveries make some
                 }
             };
             // Nobody awaits a replayed event's outcome: the receiver is gone from the start.
@@ -292,12 +297,22 @@ impl<T: Transport> Driver<T> {
                 reply,
                 Some(seq),
             );
+            fed = true;
         }
         if self.replay.is_none() && self.replay_next.is_none() {
-            while let Some(cmd) = self.deferred.pop_front() {
-                self.on_command(cmd);
+            // What waited behind the replay, in order, as room allows.
+            while let Some(cmd) = self.deferred.front() {
+                if let Command::Emit { message, .. } = cmd {
+                    if !self.engine.has_room(message.size()) {
+                        break;
+                    }
+                }
+                let cmd = self.deferred.pop_front().expect("a front command");
+                self.execute(cmd);
+                fed = true;
             }
         }
+        fed
     }
 
     /// The next replayed event; ends the replay (`self.replay = None`) at its end or on an error.
@@ -415,7 +430,19 @@ impl<T: Transport> Driver<T> {
 
     fn on_command(&mut self, cmd: Command) {
         match cmd {
-            cmd @ Command::Emit { .. } if self.replay.is_some() => self.deferred.push_back(cmd),
+            // While the replay runs (and until what waited behind it is queued), events and
+            // flushes wait behind it, in order (a flush must cover the events sent before it).
+            cmd @ (Command::Emit { .. } | Command::Flush { .. })
+                if self.replay.is_some() || !self.deferred.is_empty() =>
+            {
+                self.deferred.push_back(cmd)
+            }
+            cmd => self.execute(cmd),
+        }
+    }
+
+    fn execute(&mut self, cmd: Command) {
+        match cmd {
             Command::Emit {
                 message,
                 event_id,
@@ -1185,7 +1212,10 @@ impl<T: Transport> Driver<T> {
     fn fail_unqueued_commands(&mut self) -> Vec<(String, MsgId, bool)> {
         self.commands.close();
         let mut unqueued = Vec::new();
-        while let Ok(cmd) = self.commands.try_recv() {
+        // What waited behind an unfinished replay first, then what is still in the channel.
+        let deferred: Vec<Command> = self.deferred.drain(..).collect();
+        let queued = std::iter::from_fn(|| self.commands.try_recv().ok());
+        for cmd in deferred.into_iter().chain(queued.collect::<Vec<_>>()) {
             match cmd {
                 Command::Emit {
                     message,

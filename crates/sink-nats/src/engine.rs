@@ -106,6 +106,14 @@ impl Engine {
         self.len() == 0
     }
 
+    /// Whether an event of `size` bytes fits now.
+    pub(crate) fn has_room(&self, size: usize) -> bool {
+        match self {
+            Engine::PerEvent(o) => o.has_room(size),
+            Engine::Lanes(l) => l.has_room(size),
+        }
+    }
+
     pub(crate) fn in_flight(&self) -> usize {
         match self {
             Engine::PerEvent(o) => o.in_flight(),

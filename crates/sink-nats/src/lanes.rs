@@ -152,6 +152,12 @@ impl LaneSet {
         self.lanes.iter().map(|l| l.lane.len()).sum()
     }
 
+    /// Whether an event of `size` bytes fits now: the sink's bound counts every lane's events
+    /// (a lane's own bound, its bytes included, is checked again when the event is pushed).
+    pub(crate) fn has_room(&self, size: usize) -> bool {
+        self.len() < self.config.max_events && self.lanes.iter().all(|l| l.lane.has_room(size))
+    }
+
     pub(crate) fn in_flight(&self) -> usize {
         self.lanes.iter().map(|l| l.lane.in_flight()).sum()
     }

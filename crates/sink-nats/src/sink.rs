@@ -764,8 +764,7 @@ impl JetStreamSink {
             fail_fast: config.when_breaker_open == BreakerOpenPolicy::FailFast,
             spool: started.spool.as_ref().map(|(spool, _)| spool.clone()),
         };
-        let permits = (inner.events.clone(), inner.bytes.clone());
-        driver::spawn(config, started, rx, shared, permits);
+        driver::spawn(config, started, rx, shared);
         JetStreamSink {
             inner: Arc::new(inner),
         }
