@@ -2,69 +2,18 @@
 //! nats-server each test spawns, plus snapshots of the help texts.
 
 use std::path::Path;
-use std::process::{Command, Output};
 use std::time::Duration;
 
+mod common;
+
 use async_nats::jetstream::stream::{Config, StorageType};
+use common::{code, jetsink, row_value, show, stderr, stdout};
 use sink_testkit::{NatsServer, ServerOptions, ServerVersion};
-
-/// Variables that would leak the caller's environment into a test run.
-const ENV: [&str; 9] = [
-    "NATS_URL",
-    "JETSINK_STREAM",
-    "JETSINK_SUBJECT_TEMPLATE",
-    "NATS_TOKEN",
-    "NATS_USER",
-    "NATS_PASSWORD",
-    "JETSINK_CONFIG",
-    "RUST_LOG",
-    "NATS_CREDS",
-];
-
-fn jetsink(args: &[&str]) -> Output {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_jetsink"));
-    for var in ENV {
-        cmd.env_remove(var);
-    }
-    cmd.args(args).output().expect("run jetsink")
-}
-
-fn code(out: &Output) -> i32 {
-    out.status.code().expect("exited with a code")
-}
-
-fn stdout(out: &Output) -> String {
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn stderr(out: &Output) -> String {
-    String::from_utf8_lossy(&out.stderr).into_owned()
-}
-
-fn show(out: &Output) -> String {
-    format!(
-        "exit {:?}\n--- stdout\n{}--- stderr\n{}",
-        out.status.code(),
-        stdout(out),
-        stderr(out)
-    )
-}
 
 async fn server() -> NatsServer {
     NatsServer::start(ServerOptions::version(ServerVersion::V2_9))
         .await
         .expect("start nats-server 2.9")
-}
-
-/// The value column of a two-column table row, e.g. `messages  500`.
-fn row_value(text: &str, name: &str) -> Option<String> {
-    text.lines().find_map(|line| {
-        let rest = line.strip_prefix(name)?;
-        if !rest.starts_with("  ") {
-            return None;
-        }
-        Some(rest.trim().to_owned())
-    })
 }
 
 fn event_line(id: &str, tenant: &str) -> String {

@@ -1,55 +1,16 @@
 //! `jetsink spool status` end to end on spool directories written through sink-nats: a clean spool, a damaged one (read-only status, then --repair), a newer format, a spool in use, a missing directory, and the JSON output; `jetsink publish --spool` with the broker down and `jetsink spool drain` to it once it is back, audited; help snapshots of the spool commands.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Output;
+
+mod common;
+
+use common::{jetsink, row_value as row, show, stdout};
 use std::time::Duration;
 
 use sink_nats::sink_core::event::{CloudEvent, MsgId};
 use sink_nats::spool::{DiskSpool, SpoolConfig, FORMAT_VERSION, QUARANTINE_DIR};
 use sink_testkit::{read_stream, NatsServer, ServerOptions, ServerVersion};
-
-/// Variables that would leak the caller's environment into a test run.
-const ENV: [&str; 10] = [
-    "NATS_URL",
-    "JETSINK_STREAM",
-    "JETSINK_SUBJECT_TEMPLATE",
-    "NATS_TOKEN",
-    "NATS_USER",
-    "NATS_PASSWORD",
-    "JETSINK_CONFIG",
-    "RUST_LOG",
-    "NATS_CREDS",
-    "COLUMNS",
-];
-
-fn jetsink(args: &[&str]) -> Output {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_jetsink"));
-    for var in ENV {
-        cmd.env_remove(var);
-    }
-    cmd.args(args).output().expect("run jetsink")
-}
-
-fn show(out: &Output) -> String {
-    format!(
-        "exit {:?}\n--- stdout\n{}--- stderr\n{}",
-        out.status.code(),
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
-}
-
-fn stdout(out: &Output) -> String {
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-/// The value column of a two-column table row.
-fn row(text: &str, name: &str) -> Option<String> {
-    text.lines().find_map(|line| {
-        let rest = line.strip_prefix(name)?;
-        rest.starts_with("  ").then(|| rest.trim().to_owned())
-    })
-}
 
 fn config() -> SpoolConfig {
     SpoolConfig {
